@@ -2,6 +2,28 @@
 
 # backend must be imported before anything imports mlx: it loads the fast BLAS.
 from cortexlab.backend import info, seed  # noqa: I001
+from cortexlab import kv, sampling, schedulers
+from cortexlab.engine import Engine, Result
+from cortexlab.hooks import HOOK_POINTS
+from cortexlab.models import Model, load_model
+from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
+from cortexlab.trace import Trace
 
-__all__ = ["info", "seed"]
+__all__ = [
+    "HOOK_POINTS",
+    "Engine",
+    "FinishReason",
+    "Model",
+    "Request",
+    "RequestState",
+    "Result",
+    "SamplingParams",
+    "Trace",
+    "info",
+    "kv",
+    "load_model",
+    "sampling",
+    "schedulers",
+    "seed",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,356 @@
+"""One request's whole life: sampling parameters, tokens, cache bookkeeping, state machine.
+
+State lives on the request (nano-vllm's ``Sequence``): schedulers and allocators read it,
+the engine moves it through the state machine with :meth:`Request.transition`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import numbers
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+
+class RequestState(str, Enum):
+    """Where a request is in its life; FINISHED, FAILED and CANCELLED are terminal."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for states a request never leaves."""
+        return not TRANSITIONS[self]
+
+
+# Every legal move; anything else raises IllegalTransition. A state with no way out is terminal.
+TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    RequestState.WAITING: frozenset(
+        {RequestState.RUNNING, RequestState.CANCELLED, RequestState.FAILED}
+    ),
+    RequestState.RUNNING: frozenset(
+        {
+            RequestState.FINISHED,
+            RequestState.PREEMPTED,
+            RequestState.FAILED,
+            RequestState.CANCELLED,
+        }
+    ),
+    RequestState.PREEMPTED: frozenset(
+        {RequestState.RUNNING, RequestState.CANCELLED, RequestState.FAILED}
+    ),
+    RequestState.FINISHED: frozenset(),
+    RequestState.FAILED: frozenset(),
+    RequestState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the request state machine does not allow."""
+
+    def __init__(self, request_id: str | int, old: RequestState, new: RequestState) -> None:
+        self.request_id, self.old, self.new = request_id, old, new
+        allowed = ", ".join(sorted(s.name for s in TRANSITIONS[old])) or "nothing (terminal)"
+        super().__init__(
+            f"request {request_id!r}: illegal transition {old.name} -> {new.name} "
+            f"(allowed from {old.name}: {allowed})"
+        )
+
+
+class FinishReason(str, Enum):
+    """Why a request stopped (OpenAI-style strings)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+# The terminal state each finish reason lands in.
+_FINISH_STATE = {
+    FinishReason.STOP: RequestState.FINISHED,
+    FinishReason.LENGTH: RequestState.FINISHED,
+    FinishReason.CANCELLED: RequestState.CANCELLED,
+    FinishReason.ERROR: RequestState.FAILED,
+}
+
+MAX_SEED = 2**63  # exclusive; fits a signed 64-bit int, which MLX and numpy keys accept
+
+
+def _fail(field: str, rule: str, value: object) -> ValueError:
+    return ValueError(f"SamplingParams.{field} must be {rule}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    # numpy ints count (workloads draw lengths with numpy); bool does not: True as a token
+    # budget is almost certainly a bug.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(field: str, value: object, rule: str, ok: Callable[[int], bool] | None = None) -> int:
+    if not _is_int(value) or (ok is not None and not ok(int(value))):
+        raise _fail(field, rule, value)
+    return int(value)
+
+
+def _float(field: str, value: object, rule: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(field, rule, value)
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise _fail(field, rule, value) from None
+    if not math.isfinite(as_float) or not ok(as_float):
+        raise _fail(field, rule, value)
+    return as_float
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to decode one request; validated and normalised at construction.
+
+    Adding a sampling stage means: a field here (with a neutral default and a check in
+    ``__post_init__``) plus one file under ``cortexlab/sampling/``.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    priority: int = 0
+    tenant: str = "default"
+
+    def __post_init__(self) -> None:
+        # One line per field; normalised values are written back past the frozen guard.
+        def put(field: str, value: object) -> None:
+            object.__setattr__(self, field, value)
+
+        put("max_tokens", _int("max_tokens", self.max_tokens, "an int >= 1", lambda v: v >= 1))
+        put(
+            "temperature",
+            _float(
+                "temperature",
+                self.temperature,
+                "a finite float >= 0 (0 = greedy)",
+                lambda v: v >= 0,
+            ),
+        )
+        put("top_k", _int("top_k", self.top_k, "an int >= 0 (0 disables)", lambda v: v >= 0))
+        put("top_p", _float("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1))
+        if self.seed is not None:
+            rule = "None or an int in [0, 2**63)"
+            put("seed", _int("seed", self.seed, rule, lambda v: 0 <= v < MAX_SEED))
+        put("stop", self._normalise_stop(self.stop))
+        put("stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise _fail("ignore_eos", "a bool", self.ignore_eos)
+        put("priority", _int("priority", self.priority, "an int"))
+        if not isinstance(self.tenant, str) or not self.tenant:
+            raise _fail("tenant", "a non-empty str", self.tenant)
+
+    @staticmethod
+    def _normalise_stop(stop: object) -> tuple[str, ...]:
+        rule = "a str or a list/tuple of non-empty str"
+        items = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(items, list | tuple) or not all(isinstance(s, str) and s for s in items):
+            raise _fail("stop", rule, stop)
+        return tuple(items)
+
+    @staticmethod
+    def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
+        if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise _fail("stop_token_ids", "a list/tuple of ints >= 0", ids)
+        return tuple(int(i) for i in ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when decoding takes the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+class Request:
+    """Everything about one request: params, tokens, cache bookkeeping, timings, state.
+
+    Phase rule (``is_prefill``): a request is in *decode* when it already has at least
+    one output token and exactly its last token is uncomputed (its K/V not yet in the
+    cache); otherwise it is in *prefill*: processing its prompt (possibly in chunks), or
+    recomputing prompt + generated tokens after a preemption.
+
+    Equality and hashing are by identity: two requests with the same prompt are distinct.
+    """
+
+    __slots__ = (
+        "request_id",
+        "prompt",
+        "prompt_token_ids",
+        "params",
+        "state",
+        "output_token_ids",
+        "num_computed_tokens",
+        "block_table",
+        "num_preemptions",
+        "arrival_time",
+        "first_scheduled_time",
+        "first_token_time",
+        "token_times",
+        "finish_time",
+        "finish_reason",
+        "error",
+        "text",
+        "seed",
+    )
+
+    def __init__(
+        self,
+        request_id: str | int,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Build a WAITING request; `arrival_time` defaults to ``time.perf_counter()``."""
+        if not (isinstance(request_id, str) or _is_int(request_id)):
+            raise ValueError(f"Request.request_id must be a str or int, got {request_id!r}")
+        token_ids = [int(t) for t in prompt_token_ids]
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if min(token_ids) < 0:
+            raise ValueError(f"prompt token ids must be >= 0, got {min(token_ids)}")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Request.params must be a SamplingParams, got {params!r}")
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids: list[int] = token_ids
+        self.params = params
+        self.state = RequestState.WAITING
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.finish_time: float | None = None
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+        self.text = ""
+        # Drawn from Python's `random` so that cortexlab.seed(n) makes unseeded runs repeatable.
+        self.seed: int = params.seed if params.seed is not None else random.getrandbits(63)
+
+    # -- token counts -------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens in the prompt."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far (also the step index the sampler uses for the next one)."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by generated tokens (a new list)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def max_num_tokens(self) -> int:
+        """The most tokens this request can ever hold: prompt plus ``params.max_tokens``."""
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V are not in the cache yet."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until the first output token exists, and while more than one token is uncomputed."""
+        return self.num_output_tokens == 0 or self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the request reached a terminal state."""
+        return self.state.is_terminal
+
+    # -- state machine ------------------------------------------------------------------
+    def transition(self, new_state: RequestState, now: float | None = None) -> None:
+        """Move to `new_state` or raise IllegalTransition.
+
+        Entering PREEMPTED counts a preemption; the first RUNNING records
+        ``first_scheduled_time`` when `now` is given.
+        """
+        new_state = RequestState(new_state)
+        if new_state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(self.request_id, self.state, new_state)
+        self.state = new_state
+        if new_state is RequestState.PREEMPTED:
+            self.num_preemptions += 1
+        elif new_state is RequestState.RUNNING and self.first_scheduled_time is None:
+            self.first_scheduled_time = now
+
+    def append_token(self, token_id: int, now: float) -> None:
+        """Record one generated token and when it was produced."""
+        self.output_token_ids.append(int(token_id))
+        self.token_times.append(now)
+        if self.first_token_time is None:
+            self.first_token_time = now
+
+    def finish(self, reason: FinishReason, now: float) -> None:
+        """End the request: STOP/LENGTH -> FINISHED, CANCELLED -> CANCELLED, ERROR -> FAILED."""
+        reason = FinishReason(reason)
+        self.transition(_FINISH_STATE[reason], now)
+        self.finish_time = now
+        self.finish_reason = reason
+
+    def fail(self, message: str, now: float) -> None:
+        """End the request as FAILED with an error message."""
+        self.finish(FinishReason.ERROR, now)
+        self.error = message
+
+    # -- display ------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"Request(id={self.request_id!r}, state={self.state.name}, "
+            f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens})"
+        )
+
+    def _repr_html_(self) -> str:
+        # Timings are left out on purpose: notebook output must be stable run to run.
+        rows = {
+            "id": repr(self.request_id),
+            "state": self.state.name,
+            "prompt tokens": self.num_prompt_tokens,
+            "output tokens": self.num_output_tokens,
+            "computed tokens": self.num_computed_tokens,
+            "blocks": len(self.block_table),
+            "preemptions": self.num_preemptions,
+            "finish reason": self.finish_reason.value if self.finish_reason else "",
+            "text": self.text[:80],
+        }
+        body = "".join(
+            f"<tr><th style='text-align:left'>{k}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in rows.items()
+        )
+        return f"<table>{body}</table>"

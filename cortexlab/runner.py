@@ -1,0 +1,114 @@
+"""Execution: turn a scheduled batch into next-token logits with a real MLX forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from cortexlab.kv.arena import KVArena, PagedLayerCache, plan_forward
+from cortexlab.models.base import Model
+
+# Model types whose mlx-lm `Model.__call__` is exactly `head(self.model(x))`: for these the
+# runner applies the head only to the positions it samples (a prompt's other positions would
+# cost a vocab-sized matmul each, for logits nobody reads).
+_HEAD_SPLIT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Rows of different prefill lengths share one padded forward while padding stays below this
+# fraction of the real tokens; past it they go to separate forwards.
+MAX_PADDING_FRACTION = 0.25
+
+
+@dataclass(slots=True)
+class RowWork:
+    """One sequence's share of a step: new tokens after `offset` cached ones."""
+
+    block_table: list[int]
+    offset: int
+    token_ids: list[int]
+    needs_logits: bool
+
+
+def group_rows(lengths: list[int], max_padding: float = MAX_PADDING_FRACTION) -> list[list[int]]:
+    """Partition row indices into forward groups: all single-token rows together, longer rows
+    sorted by length and cut where padding would exceed `max_padding` of real tokens."""
+    singles = [i for i, n in enumerate(lengths) if n == 1]
+    multi = sorted((i for i, n in enumerate(lengths) if n > 1), key=lambda i: -lengths[i])
+    groups = [singles] if singles else []
+    current: list[int] = []
+    for i in multi:
+        candidate = current + [i]
+        real = sum(lengths[j] for j in candidate)
+        padded = lengths[candidate[0]] * len(candidate)
+        if current and padded - real > max_padding * real:
+            groups.append(current)
+            candidate = [i]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
+class Runner:
+    """Runs rows of work through an mlx-lm model whose attention reads the arena."""
+
+    def __init__(self, model: Model, arena: KVArena) -> None:
+        self.model = model
+        self.arena = arena
+        module = model.module
+        args = getattr(module, "args", None)
+        self._split_head = (
+            getattr(args, "model_type", None) in _HEAD_SPLIT_TYPES
+            and hasattr(module, "model")
+            and hasattr(module.model, "embed_tokens")
+        )
+
+    def _head(self, hidden: mx.array) -> mx.array:
+        module = self.model.module
+        if hasattr(module, "lm_head"):
+            return module.lm_head(hidden)
+        return module.model.embed_tokens.as_linear(hidden)
+
+    def _forward_group(self, rows: list[RowWork]) -> mx.array:
+        """Hidden state (or logits, for models without a split head) at each row's last token."""
+        lengths = [len(r.token_ids) for r in rows]
+        plan = plan_forward(
+            self.arena, [r.block_table for r in rows], [r.offset for r in rows], lengths
+        )
+        width = max(lengths)
+        tokens = np.zeros((len(rows), width), dtype=np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r.token_ids)] = r.token_ids
+        caches = [PagedLayerCache(self.arena, i, plan) for i in range(self.model.num_layers)]
+        inputs = mx.array(tokens)
+        out = (
+            self.model.module.model(inputs, cache=caches)
+            if self._split_head
+            else self.model.module(inputs, cache=caches)
+        )
+        if width == 1:
+            return out[:, 0]
+        return out[mx.arange(len(rows)), plan.last_index]
+
+    def forward(self, rows: list[RowWork]) -> mx.array:
+        """Logits [R, V] for the rows with `needs_logits`, in their order. Lazy: no eval."""
+        if not rows:
+            raise ValueError("rows must not be empty")
+        lengths = [len(r.token_ids) for r in rows]
+        parts, order = [], []
+        for group in group_rows(lengths):
+            wanted = [i for i in group if rows[i].needs_logits]
+            out = self._forward_group([rows[i] for i in group])
+            if wanted:
+                pos = [group.index(i) for i in wanted]
+                parts.append(out if len(pos) == len(group) else out[mx.array(pos)])
+                order.extend(wanted)
+        if not parts:
+            return mx.zeros((0, self.model.vocab_size), dtype=mx.float32)
+        stacked = mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        # Groups come out grouped; put rows back in the caller's order.
+        inverse = np.argsort(np.asarray(order))
+        if not np.array_equal(inverse, np.arange(len(order))):
+            stacked = stacked[mx.array(inverse.astype(np.int32))]
+        logits = self._head(stacked) if self._split_head else stacked
+        return logits.astype(mx.float32)

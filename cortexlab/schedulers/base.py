@@ -1,0 +1,153 @@
+"""The scheduler contract: `schedule(state) -> Batch`, plus the moves every policy shares."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from cortexlab.kv.base import Allocator
+from cortexlab.request import Request, RequestState
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Per-step limits every scheduler respects."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One request's share of a step: `num_new_tokens` after its computed ones."""
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def needs_logits(self) -> bool:
+        """True when this step computes the request's last token, so it samples the next."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one step runs: scheduled sequences, and who was preempted to make room."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        """Schedule `num_new_tokens` of `request` this step."""
+        self.scheduled.append(ScheduledSeq(request, num_new_tokens))
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing runs this step."""
+        return not self.scheduled
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in the batch."""
+        return len(self.scheduled)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens the model processes this step."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        """Sequences generating their next token from one new token."""
+        return sum(1 for s in self.scheduled if not s.request.is_prefill)
+
+    @property
+    def num_prefill_seqs(self) -> int:
+        """Sequences processing prompt (or recomputed) tokens."""
+        return self.num_seqs - self.num_decode_seqs
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt (or recomputed) tokens processed this step."""
+        return sum(s.num_new_tokens for s in self.scheduled if s.request.is_prefill)
+
+
+@dataclass(slots=True)
+class SchedulerState:
+    """What a scheduler sees and moves: queues, limits, the allocator, the clock."""
+
+    waiting: deque[Request]
+    running: list[Request]
+    allocator: Allocator
+    config: SchedulerConfig
+    now: float = 0.0
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """A policy choosing each step's batch."""
+
+    def schedule(self, state: SchedulerState) -> Batch:
+        """Pick this step's work; admit, grow and preempt through the state."""
+        ...
+
+
+class BaseScheduler:
+    """Shared moves: admit a waiting request, grow a running one, preempt (recompute)."""
+
+    name = "base"
+
+    def schedule(self, state: SchedulerState) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def admit(self, state: SchedulerState, request: Request, num_new_tokens: int) -> None:
+        """Give a waiting request blocks for its first `num_new_tokens` and start it."""
+        state.allocator.allocate(request, request.num_computed_tokens + num_new_tokens)
+        state.waiting.remove(request)
+        request.transition(RequestState.RUNNING, state.now)
+        state.running.append(request)
+
+    def preempt(self, state: SchedulerState, victim: Request, batch: Batch) -> None:
+        """Recompute preemption: free the victim's blocks and put it first in line."""
+        state.allocator.free(victim)
+        victim.num_computed_tokens = 0
+        victim.transition(RequestState.PREEMPTED, state.now)
+        state.running.remove(victim)
+        state.waiting.appendleft(victim)
+        batch.preempted.append(victim)
+
+    def victim(self, state: SchedulerState, request: Request) -> Request:
+        """Who gives blocks back when `request` cannot grow: the newest running request."""
+        return state.running[-1]
+
+    def reserve(
+        self, state: SchedulerState, request: Request, num_new_tokens: int, batch: Batch
+    ) -> bool:
+        """Grow a running request by `num_new_tokens`, preempting others while memory is short.
+
+        Returns False when `request` itself had to be preempted.
+        """
+        total = request.num_computed_tokens + num_new_tokens
+        while not state.allocator.can_append(request, total):
+            victim = self.victim(state, request)
+            self.preempt(state, victim, batch)
+            if victim is request:
+                return False
+        state.allocator.append(request, total)
+        return True
+
+    def chunk(self, state: SchedulerState, request: Request, budget: int) -> int:
+        """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step)."""
+        n = request.num_uncomputed_tokens
+        if n <= budget:
+            return n
+        return budget if state.config.enable_chunked_prefill else 0
