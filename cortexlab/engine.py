@@ -25,7 +25,7 @@ from cortexlab.models.base import Model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.runner import RowWork, Runner
 from cortexlab.sampling import sample
-from cortexlab.schedulers import SchedulerConfig, SchedulerState, schedulers
+from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, schedulers
 from cortexlab.trace import request_metrics
 
 CLOCKS = ("wall", "measured")
@@ -136,6 +136,7 @@ class Engine:
         )
         self.hook_manager = HookManager()
         self.num_steps = 0
+        self.last_batch: Batch | None = None
         self._requests: dict[str | int, Request] = {}
         self._detokenizers: dict[int, Any] = {}
         self._incoming: deque[Request] = deque()
@@ -211,7 +212,9 @@ class Engine:
             )
         bad = [t for t in request.prompt_token_ids if t >= self.model.vocab_size]
         if bad:
-            return f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})"
+            return (
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})"
+            )
         return None
 
     def cancel(self, request: Request | str | int) -> None:
@@ -254,12 +257,11 @@ class Engine:
         self._admit_arrivals()
         self.state.now = self.clock.now()
         self._fire_step("step.begin")
-        batch = self.scheduler.schedule(self.state)
-        now = self.clock.now()
+        batch = self.last_batch = self.scheduler.schedule(self.state)
         for request in batch.preempted:
             self._fire_request("request.preempted", request)
         if batch.is_empty:
-            self._notify()
+            self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=0)
             return []
         for s in batch.scheduled:
             if s.request.num_preemptions == 0 and s.request.num_computed_tokens == 0:
@@ -282,8 +284,7 @@ class Engine:
                 s.request.block_table,
                 s.request.num_computed_tokens,
                 s.request.all_token_ids[
-                    s.request.num_computed_tokens : s.request.num_computed_tokens
-                    + s.num_new_tokens
+                    s.request.num_computed_tokens : s.request.num_computed_tokens + s.num_new_tokens
                 ],
                 s.needs_logits,
             )
@@ -314,25 +315,29 @@ class Engine:
             if reason is not None:
                 self._end(request, reason, now)
                 ended.append(request)
-        self.num_steps += 1
-        usage = self.allocator.usage()
-        self._fire_step(
-            "step.end",
-            {
-                "duration": duration,
-                "num_generated_tokens": len(sampled),
-                "num_finished": len(ended),
-                "num_waiting": len(self.state.waiting),
-                "num_running": len(self.state.running),
-                "kv_used_slots": usage.num_used_slots,
-                "kv_reserved_slots": usage.num_reserved_slots,
-                "kv_fragmented_slots": usage.num_fragmented_slots,
-                "kv_free_slots": usage.num_free_slots,
-                "kv_utilization": usage.utilization,
-            },
-        )
-        self._notify()
+        self._end_step(duration, num_generated=len(sampled), num_finished=len(ended))
         return ended
+
+    def _end_step(self, duration: float, *, num_generated: int, num_finished: int) -> None:
+        if self.hook_manager.is_active("step.end"):
+            usage = self.allocator.usage()
+            self._fire_step(
+                "step.end",
+                {
+                    "duration": duration,
+                    "num_generated_tokens": num_generated,
+                    "num_finished": num_finished,
+                    "num_waiting": len(self.state.waiting),
+                    "num_running": len(self.state.running),
+                    "kv_used_slots": usage.num_used_slots,
+                    "kv_reserved_slots": usage.num_reserved_slots,
+                    "kv_fragmented_slots": usage.num_fragmented_slots,
+                    "kv_free_slots": usage.num_free_slots,
+                    "kv_utilization": usage.utilization,
+                },
+            )
+        self.num_steps += 1
+        self._notify()
 
     def _check_stop(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

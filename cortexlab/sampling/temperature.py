@@ -7,6 +7,8 @@ import mlx.core as mx
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, stages
 
+MAX_INVERSE_TEMPERATURE = 1e30
+
 
 @stages.register("temperature")
 class Temperature:
@@ -19,5 +21,10 @@ class Temperature:
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """Scaled logits ``[b, V]``."""
         # Multiply by 1/T: one division per row instead of one per vocabulary entry.
-        inv_t = batch.column(lambda p: 1.0 / p.temperature if self.is_active(p) else 1.0)
-        return logits * inv_t
+        return logits * batch.column(self._inverse)
+
+    def _inverse(self, params: SamplingParams) -> float:
+        if not self.is_active(params):
+            return 1.0
+        # The cap keeps a vanishing T from making the top logit inf (inf - inf = nan later).
+        return min(1.0 / params.temperature, MAX_INVERSE_TEMPERATURE)

@@ -32,7 +32,7 @@ class TopP:
             return logits
         vocab_size = logits.shape[-1]
         ks = [effective_top_k(p, vocab_size) for p in batch.params]
-        # A full-vocabulary sort is the cost here (~4 ms per 49k-row on CPU): when every
+        # A full-vocabulary sort is the cost here (~75 ms at 16 x 49152 on CPU): when every
         # nucleus row also has top-k, only its top-(max k) candidates can be in the nucleus.
         num_candidates = max(k for k, a in zip(ks, active, strict=True) if a)
         candidates = logits if num_candidates >= vocab_size else mx.topk(logits, num_candidates)

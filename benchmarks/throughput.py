@@ -1,0 +1,348 @@
+"""Offline throughput: cortexlab's engine vs mlx-lm's `BatchGenerator`, one process, one model.
+
+Four measurements on fixed, seeded workloads (greedy, EOS ignored, same batch limits):
+
+1. end-to-end: varied chat prompts (~30..400 tokens) and output lengths (16..96 tokens);
+   generated and total tokens/s, plus a token-for-token check of the greedy outputs;
+2. decode-only: short prompts, long outputs, timing only the steps with no prefill work;
+3. prefill-only: long prompts, max_tokens=1, prompt tokens/s;
+4. engine overhead per step on `tiny-random`, where the model is nearly free, so what is left
+   is the engine's own host-side work.
+
+    python benchmarks/throughput.py [--quick] [--json PATH] [--repeats N] [--profile]
+
+Timings on a shared CPU are noisy; `--repeats N` keeps each side's best of N runs.
+"""
+
+# cortexlab must be imported before mlx: it loads the fast BLAS that MLX then binds to.
+import cortexlab as cl  # noqa: I001
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
+
+# Shared batch limits. mlx-lm's prefill_batch_size has no cortexlab counterpart (the token
+# budget decides how many prompts join a step); we keep mlx-lm's default.
+MAX_NUM_SEQS = 32
+MAX_NUM_BATCHED_TOKENS = 2048
+PREFILL_BATCH_SIZE = 8
+BLOCK_SIZE = 16
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog near river mountain city light music garden "
+    "window paper silver market winter summer ocean forest bridge story engine memory signal "
+    "planet number orange yellow purple table chair coffee morning evening teacher student "
+    "doctor library museum travel simple random gentle bright quiet history science water "
+    "stone cloud green house road friend question answer why how when where explain describe"
+).split()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every workload dimension; `QUICK` shrinks them for a smoke run."""
+
+    e2e_requests: int = 32
+    e2e_prompt: tuple[int, int] = (32, 400)
+    e2e_output: tuple[int, int] = (16, 96)
+    decode_requests: int = 16
+    decode_prompt: int = 32
+    decode_tokens: int = 64
+    prefill_requests: int = 8
+    prefill_prompt: int = 400
+    tiny_requests: int = 32
+    tiny_prompt: int = 8
+    tiny_tokens: int = 64
+
+
+FULL = Sizes()
+QUICK = Sizes(8, (32, 160), (8, 24), 8, 32, 16, 4, 200, 16, 8, 16)
+
+
+@dataclass
+class Run:
+    """One pass of a workload through one engine."""
+
+    wall: float
+    outputs: list[list[int]]
+    num_prompt_tokens: int
+    num_steps: int  # cortexlab steps or mlx-lm `next()` calls
+    decode_time: float  # steps/calls that did no prefill work
+    decode_tokens: int
+    num_decode_steps: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+
+# -- workload --------------------------------------------------------------------------------
+def chat_prompt(tokenizer, words: list[str]) -> list[int]:
+    messages = [{"role": "user", "content": " ".join(words)}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def build_prompts(tokenizer, rng: np.random.Generator, lengths) -> list[list[int]]:
+    """Chat prompts whose rendered token counts come as close to `lengths` as whole words allow."""
+    prompts = []
+    for target in lengths:
+        # Every word is at least one token, so `target` words always overshoot.
+        words = rng.choice(WORDS, size=int(target)).tolist()
+        lo, hi = 1, len(words)  # binary search: the most words whose rendering fits `target`
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(chat_prompt(tokenizer, words[:mid])) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        prompts.append(chat_prompt(tokenizer, words[:lo]))
+    return prompts
+
+
+# -- the two engines -------------------------------------------------------------------------
+def make_engine(model) -> cl.Engine:
+    return cl.Engine(
+        model,
+        scheduler="fcfs",
+        allocator="paged",
+        block_size=BLOCK_SIZE,
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+    )
+
+
+def run_cortexlab(engine: cl.Engine, prompts: list[list[int]], max_tokens: list[int]) -> Run:
+    params = [cl.SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens]
+    trace = cl.Trace()
+    with engine.hooks(trace.hooks):
+        t0 = time.perf_counter()
+        requests = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        engine.run_until_done()
+        wall = time.perf_counter() - t0
+    steps = trace.steps
+    decode = steps[steps["num_prefill_seqs"] == 0]
+    return Run(
+        wall=wall,
+        outputs=[list(r.output_token_ids) for r in requests],
+        num_prompt_tokens=sum(r.num_prompt_tokens for r in requests),
+        num_steps=len(steps),
+        decode_time=float(decode["duration"].sum()),
+        decode_tokens=int(decode["num_generated_tokens"].sum()),
+        num_decode_steps=len(decode),
+        extra={"num_preempted": int(steps["num_preempted"].sum())},
+    )
+
+
+def run_mlx_lm(module, prompts: list[list[int]], max_tokens: list[int]) -> Run:
+    gen = BatchGenerator(
+        module,
+        max_tokens=max(max_tokens),
+        stop_tokens=None,  # no stop sequences: every request runs to its own max_tokens
+        sampler=None,  # greedy
+        completion_batch_size=MAX_NUM_SEQS,
+        prefill_batch_size=PREFILL_BATCH_SIZE,
+        prefill_step_size=MAX_NUM_BATCHED_TOKENS,
+    )
+    calls = []  # (seconds, did prefill work, tokens generated)
+    with gen.stats() as stats:
+        t0 = time.perf_counter()
+        uids = gen.insert(prompts, max_tokens=list(max_tokens))
+        outputs: dict[int, list[int]] = {uid: [] for uid in uids}
+        left = len(uids)
+        while left:
+            c0 = time.perf_counter()
+            prompt_responses, generation_responses = gen.next()
+            calls.append((time.perf_counter() - c0, bool(prompt_responses), generation_responses))
+            for r in generation_responses:
+                outputs[r.uid].append(r.token)
+                left -= r.finish_reason is not None
+        wall = time.perf_counter() - t0
+    # GenerationBatch pipelines one step ahead, so a forward for the step after the last is
+    # still in flight: every output is already here, but the next measurement must not pay it.
+    mx.synchronize(gen.stream)
+    gen.close()
+    decode = [(t, len(g)) for t, had_prompt, g in calls if not had_prompt]
+    return Run(
+        wall=wall,
+        outputs=[outputs[uid] for uid in uids],
+        num_prompt_tokens=sum(len(p) for p in prompts),
+        num_steps=len(calls),
+        decode_time=sum(t for t, _ in decode),
+        decode_tokens=sum(n for _, n in decode),
+        num_decode_steps=len(decode),
+        extra={
+            "stats": {
+                "prompt_tokens": stats.prompt_tokens,
+                "prompt_time": stats.prompt_time,
+                "generation_tokens": stats.generation_tokens,
+                "decode_time": stats.decode_time,
+                "wall_time": stats.wall_time,
+            }
+        },
+    )
+
+
+def best_of(repeats: int, fn: Callable[[], Run], key: Callable[[Run], float]) -> Run:
+    """The fastest of `repeats` runs (outputs are deterministic, so any run's are the same)."""
+    return min((fn() for _ in range(repeats)), key=key)
+
+
+def compare(a: list[list[int]], b: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(request, tokens equal before the first divergence, length) for each differing pair."""
+    diffs = []
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            same = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            diffs.append((i, same, max(len(x), len(y))))
+    return diffs
+
+
+def correctness_line(a: list[list[int]], b: list[list[int]]) -> tuple[str, int]:
+    diffs = compare(a, b)
+    line = f"greedy tokens identical: {len(a) - len(diffs)}/{len(a)} requests"
+    for i, same, n in diffs:
+        line += f"\n  request {i}: first {same}/{n} tokens match, then diverge"
+    return line, len(diffs)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+# -- engine overhead on tiny-random ----------------------------------------------------------
+def drive(engine: cl.Engine, prompts, max_tokens) -> tuple[list[float], list[bool]]:
+    """Step the engine to completion without hooks; per-step seconds and is-pure-decode flags."""
+    requests = [
+        engine.submit(p, cl.SamplingParams(max_tokens=m, ignore_eos=True))
+        for p, m in zip(prompts, max_tokens, strict=True)
+    ]
+    times, is_decode = [], []
+    while engine.has_unfinished:
+        # Checked before the step (outside its timing): has every prompt been prefilled?
+        decode = all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests)
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        is_decode.append(decode)
+    return times, is_decode
+
+
+@contextlib.contextmanager
+def instrumented(engine: cl.Engine):
+    """Split each step's forward into graph build (plan_forward inside it) and a forced eval,
+    and time sampling with its own eval; the engine's own sync then has nothing left to do."""
+    engine_mod = sys.modules["cortexlab.engine"]
+    runner_mod = sys.modules["cortexlab.runner"]
+    probe: dict[str, list[float]] = {"build": [], "plan": [], "eval": [], "sample": []}
+    orig_plan, orig_sample = runner_mod.plan_forward, engine_mod.sample
+    orig_forward = engine.runner.forward
+    plan_time = [0.0]
+
+    def plan_forward(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = orig_plan(*args, **kwargs)
+        plan_time[0] += time.perf_counter() - t0
+        return out
+
+    def forward(rows):
+        plan_time[0] = 0.0
+        t0 = time.perf_counter()
+        logits = orig_forward(rows)
+        t1 = time.perf_counter()
+        mx.eval(logits, *engine.arena.arrays)
+        probe["build"].append(t1 - t0)
+        probe["plan"].append(plan_time[0])
+        probe["eval"].append(time.perf_counter() - t1)
+        return logits
+
+    def sample(*args, **kwargs):
+        t0 = time.perf_counter()
+        tokens = orig_sample(*args, **kwargs)
+        mx.eval(tokens)
+        probe["sample"].append(time.perf_counter() - t0)
+        return tokens
+
+    runner_mod.plan_forward, engine_mod.sample = plan_forward, sample
+    engine.runner.forward = forward
+    try:
+        yield probe
+    finally:
+        runner_mod.plan_forward, engine_mod.sample = orig_plan, orig_sample
+        del engine.runner.forward  # back to the class's method
+
+
+def bare_decode_step(module, batch: int, context: int, steps: int) -> float:
+    """Seconds per synchronous greedy decode step of a plain mlx-lm KVCache batch."""
+    cache = make_prompt_cache(module)
+    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (batch, context), dtype=np.int32))
+    y = mx.argmax(module(tokens, cache=cache)[:, -1], axis=-1)
+    mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        y = mx.argmax(module(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        y.tolist()  # the engine also brings each step's tokens to Python
+    return (time.perf_counter() - t0) / steps
+
+
+def engine_overhead(sizes: Sizes, repeats: int, profile: bool) -> dict:
+    tiny = cl.load_model("tiny-random")
+    engine = make_engine(tiny)
+    rng = np.random.default_rng(4)
+    prompts = rng.integers(0, 256, (sizes.tiny_requests, sizes.tiny_prompt)).tolist()
+    max_tokens = [sizes.tiny_tokens] * sizes.tiny_requests
+    drive(engine, prompts[:4], [4] * 4)  # warm-up
+
+    def mean_decode(times, flags):
+        return float(np.mean([t for t, d in zip(times, flags, strict=True) if d]))
+
+    plain = min(mean_decode(*drive(engine, prompts, max_tokens)) for _ in range(repeats))
+    with instrumented(engine) as probe:
+        times, flags = drive(engine, prompts, max_tokens)
+    d = np.asarray(flags)
+    part = {k: float(np.mean(np.asarray(v)[d])) for k, v in probe.items()}
+    part["step"] = float(np.mean(np.asarray(times)[d]))
+    bare = bare_decode_step(
+        tiny.module, sizes.tiny_requests, sizes.tiny_prompt + sizes.tiny_tokens // 2, 64
+    )
+    mlx_run = run_mlx_lm(tiny.module, prompts, max_tokens)
+    mlx_step = mlx_run.decode_time / max(1, mlx_run.num_decode_steps)
+    out = {
+        "requests": sizes.tiny_requests,
+        "prompt_tokens": sizes.tiny_prompt,
+        "output_tokens": sizes.tiny_tokens,
+        "num_steps": len(times),
+        "num_decode_steps": int(d.sum()),
+        "mean_decode_step_us": plain * 1e6,
+        "bare_decode_step_us": bare * 1e6,
+        "overhead_vs_bare_us": (plain - bare) * 1e6,
+        "instrumented_us": {k: v * 1e6 for k, v in part.items()},
+        "overhead_outside_forward_sample_us": (
+            part["step"] - part["build"] - part["eval"] - part["sample"]
+        )
+        * 1e6,
+        "host_side_us": (part["step"] - part["eval"]) * 1e6,
+        "mlx_lm_decode_call_us": mlx_step * 1e6,
+    }
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        drive(engine, prompts, max_tokens)
+        profiler.disable()
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(18)
+        out["profile"] = buf.getvalue()
+    return out
