@@ -27,7 +27,7 @@ import pstats
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -205,7 +205,8 @@ def compare(a: list[list[int]], b: list[list[int]]) -> list[tuple[int, int, int]
     diffs = []
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x != y:
-            same = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            pairs = enumerate(zip(x, y, strict=False))
+            same = next((k for k, (u, v) in pairs if u != v), min(len(x), len(y)))
             diffs.append((i, same, max(len(x), len(y))))
     return diffs
 
@@ -309,23 +310,36 @@ def engine_overhead(sizes: Sizes, repeats: int, profile: bool) -> dict:
     def mean_decode(times, flags):
         return float(np.mean([t for t, d in zip(times, flags, strict=True) if d]))
 
-    plain = min(mean_decode(*drive(engine, prompts, max_tokens)) for _ in range(repeats))
-    with instrumented(engine) as probe:
-        times, flags = drive(engine, prompts, max_tokens)
-    d = np.asarray(flags)
-    part = {k: float(np.mean(np.asarray(v)[d])) for k, v in probe.items()}
-    part["step"] = float(np.mean(np.asarray(times)[d]))
-    bare = bare_decode_step(
-        tiny.module, sizes.tiny_requests, sizes.tiny_prompt + sizes.tiny_tokens // 2, 64
+    def instrumented_run() -> dict[str, float]:
+        with instrumented(engine) as probe:
+            times, flags = drive(engine, prompts, max_tokens)
+        d = np.asarray(flags)
+        part = {k: float(np.mean(np.asarray(v)[d])) for k, v in probe.items()}
+        part["step"] = float(np.mean(np.asarray(times)[d]))
+        part["num_steps"], part["num_decode_steps"] = len(times), int(d.sum())
+        return part
+
+    # Each run is short, so a few extra tries to dodge scheduler noise cost little.
+    tries = max(3, repeats)
+    plain = min(mean_decode(*drive(engine, prompts, max_tokens)) for _ in range(tries))
+    part = min((instrumented_run() for _ in range(tries)), key=lambda p: p["step"])
+    context = sizes.tiny_prompt + sizes.tiny_tokens // 2  # the decode phase's mean context
+    bare = min(
+        bare_decode_step(tiny.module, sizes.tiny_requests, context, sizes.tiny_tokens)
+        for _ in range(tries)
     )
-    mlx_run = run_mlx_lm(tiny.module, prompts, max_tokens)
+    mlx_run = best_of(
+        tries,
+        lambda: run_mlx_lm(tiny.module, prompts, max_tokens),
+        key=lambda r: r.decode_time / max(1, r.num_decode_steps),
+    )
     mlx_step = mlx_run.decode_time / max(1, mlx_run.num_decode_steps)
     out = {
         "requests": sizes.tiny_requests,
         "prompt_tokens": sizes.tiny_prompt,
         "output_tokens": sizes.tiny_tokens,
-        "num_steps": len(times),
-        "num_decode_steps": int(d.sum()),
+        "num_steps": part.pop("num_steps"),
+        "num_decode_steps": part.pop("num_decode_steps"),
         "mean_decode_step_us": plain * 1e6,
         "bare_decode_step_us": bare * 1e6,
         "overhead_vs_bare_us": (plain - bare) * 1e6,
@@ -346,3 +360,237 @@ def engine_overhead(sizes: Sizes, repeats: int, profile: bool) -> dict:
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(18)
         out["profile"] = buf.getvalue()
     return out
+
+
+# -- reporting -------------------------------------------------------------------------------
+def table(rows: list[list]) -> str:
+    """Plain-text table: first row is the header, first column left-aligned."""
+    cells = [[f"{c:,.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def summary(run: Run) -> dict:
+    return {
+        "wall_s": run.wall,
+        "num_prompt_tokens": run.num_prompt_tokens,
+        "num_generated_tokens": run.num_generated,
+        "num_steps": run.num_steps,
+        "generated_tok_s": run.num_generated / run.wall,
+        "total_tok_s": (run.num_prompt_tokens + run.num_generated) / run.wall,
+        "prompt_tok_s": run.num_prompt_tokens / run.wall,
+        "decode_s": run.decode_time,
+        "decode_tokens": run.decode_tokens,
+        "num_decode_steps": run.num_decode_steps,
+        "decode_tok_s": ratio(run.decode_tokens, run.decode_time),
+        **run.extra,
+    }
+
+
+def span(prompts: list[list[int]]) -> str:
+    n = [len(p) for p in prompts]
+    return f"{min(n)}..{max(n)} tokens (sum {sum(n):,})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter requests")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    parser.add_argument("--repeats", type=int, default=1, help="keep each side's best of N runs")
+    parser.add_argument("--profile", action="store_true", help="cProfile the tiny-random run")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    repeats = max(1, args.repeats)
+
+    info = cl.info()
+    print(
+        f"device {info['device']} | {info['blas']} | fp32 matmul "
+        f"{info['fp32_matmul_gflops']} GFLOP/s | {info['cpu_count']} CPUs | "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
+    print(f"mlx {info['mlx']} | mlx-lm {info['mlx-lm']} | cortexlab {info['cortexlab']}")
+    cl.seed(0)
+    model = cl.load_model()
+    tokenizer, module = model.tokenizer, model.module
+    engine = make_engine(model)
+    print(
+        f"model {model.name} ({str(model.dtype).removeprefix('mlx.core.')}); limits: "
+        f"max_num_seqs = completion_batch_size = {MAX_NUM_SEQS}, max_num_batched_tokens = "
+        f"prefill_step_size = {MAX_NUM_BATCHED_TOKENS}, mlx-lm prefill_batch_size = "
+        f"{PREFILL_BATCH_SIZE} (its default); cortexlab fcfs + paged, block_size {BLOCK_SIZE}; "
+        f"greedy, EOS ignored; best of {repeats}"
+    )
+    results: dict = {
+        "info": info,
+        "quick": args.quick,
+        "sizes": asdict(sizes),
+        "repeats": repeats,
+        "limits": {
+            "max_num_seqs": MAX_NUM_SEQS,
+            "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+            "prefill_batch_size": PREFILL_BATCH_SIZE,
+            "block_size": BLOCK_SIZE,
+        },
+    }
+
+    # Warm-up: first calls pay for allocations and thread-pool start-up on both sides.
+    warm = build_prompts(tokenizer, np.random.default_rng(9), [48, 200, 120])
+    run_cortexlab(engine, warm, [4, 4, 4])
+    run_mlx_lm(module, warm, [4, 4, 4])
+
+    # 1. End-to-end.
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(sizes.e2e_prompt[0], sizes.e2e_prompt[1] + 1, sizes.e2e_requests)
+    outputs = rng.integers(sizes.e2e_output[0], sizes.e2e_output[1] + 1, sizes.e2e_requests)
+    prompts = build_prompts(tokenizer, rng, lengths)
+    outputs = outputs.tolist()
+    cx = best_of(repeats, lambda: run_cortexlab(engine, prompts, outputs), key=lambda r: r.wall)
+    ml = best_of(repeats, lambda: run_mlx_lm(module, prompts, outputs), key=lambda r: r.wall)
+    print(
+        f"\n1. end-to-end: {len(prompts)} chat requests, prompts {span(prompts)}, "
+        f"outputs {min(outputs)}..{max(outputs)} tokens (sum {sum(outputs):,})"
+    )
+    rows = [["engine", "prompt tok", "gen tok", "wall s", "gen tok/s", "total tok/s", "steps"]]
+    for name, r in (("cortexlab", cx), ("mlx-lm", ml)):
+        total = r.num_prompt_tokens + r.num_generated
+        rows.append(
+            [
+                name,
+                r.num_prompt_tokens,
+                r.num_generated,
+                r.wall,
+                r.num_generated / r.wall,
+                total / r.wall,
+                r.num_steps,
+            ]
+        )
+    gen_ratio = ratio(cx.num_generated / cx.wall, ml.num_generated / ml.wall)
+    total_ratio = ratio(
+        (cx.num_prompt_tokens + cx.num_generated) / cx.wall,
+        (ml.num_prompt_tokens + ml.num_generated) / ml.wall,
+    )
+    rows.append(["cortexlab/mlx-lm", "", "", "", f"{gen_ratio:.2f}x", f"{total_ratio:.2f}x", ""])
+    print(table(rows))
+    line, num_diff = correctness_line(cx.outputs, ml.outputs)
+    print(line)
+    if cx.extra["num_preempted"]:
+        print(f"note: cortexlab preempted {cx.extra['num_preempted']} times")
+    results["end_to_end"] = {
+        "cortexlab": summary(cx),
+        "mlx_lm": summary(ml),
+        "ratio_generated_tok_s": gen_ratio,
+        "ratio_total_tok_s": total_ratio,
+        "num_requests_differing": num_diff,
+        "differences": compare(cx.outputs, ml.outputs),
+    }
+
+    # 2. Decode-only: the rate once every prompt is in the batch.
+    rng = np.random.default_rng(1)
+    n = sizes.decode_requests
+    prompts = build_prompts(tokenizer, rng, [sizes.decode_prompt] * n)
+    outputs = [sizes.decode_tokens] * n
+    cx = best_of(repeats, lambda: run_cortexlab(engine, prompts, outputs), lambda r: r.decode_time)
+    ml = best_of(repeats, lambda: run_mlx_lm(module, prompts, outputs), lambda r: r.decode_time)
+    print(
+        f"\n2. decode-only: {n} requests, prompts {span(prompts)}, {sizes.decode_tokens} tokens "
+        "each; only steps with no prefill work are timed (cortexlab: trace steps with "
+        "num_prefill_seqs == 0; mlx-lm: next() calls with no prompt responses)"
+    )
+    rows = [["engine", "decode steps", "decode tok", "decode s", "decode tok/s", "ms/step"]]
+    for name, r in (("cortexlab", cx), ("mlx-lm", ml)):
+        rows.append(
+            [
+                name,
+                r.num_decode_steps,
+                r.decode_tokens,
+                r.decode_time,
+                r.decode_tokens / r.decode_time,
+                1e3 * r.decode_time / r.num_decode_steps,
+            ]
+        )
+    decode_ratio = ratio(cx.decode_tokens / cx.decode_time, ml.decode_tokens / ml.decode_time)
+    rows.append(["cortexlab/mlx-lm", "", "", "", f"{decode_ratio:.2f}x", ""])
+    print(table(rows))
+    print(correctness_line(cx.outputs, ml.outputs)[0])
+    results["decode_only"] = {
+        "cortexlab": summary(cx),
+        "mlx_lm": summary(ml),
+        "ratio_decode_tok_s": decode_ratio,
+        "num_requests_differing": len(compare(cx.outputs, ml.outputs)),
+    }
+
+    # 3. Prefill-only: long prompts and one output token (that token's forward included).
+    rng = np.random.default_rng(2)
+    n = sizes.prefill_requests
+    prompts = build_prompts(tokenizer, rng, [sizes.prefill_prompt] * n)
+    outputs = [1] * n
+    cx = best_of(repeats, lambda: run_cortexlab(engine, prompts, outputs), lambda r: r.wall)
+    ml = best_of(repeats, lambda: run_mlx_lm(module, prompts, outputs), lambda r: r.wall)
+    print(f"\n3. prefill-only: {n} requests, prompts {span(prompts)}, max_tokens=1")
+    rows = [["engine", "prompt tok", "wall s", "prompt tok/s", "steps"]]
+    for name, r in (("cortexlab", cx), ("mlx-lm", ml)):
+        rows.append([name, r.num_prompt_tokens, r.wall, r.num_prompt_tokens / r.wall, r.num_steps])
+    rows.append(["cortexlab/mlx-lm", "", "", f"{ml.wall / cx.wall:.2f}x", ""])
+    print(table(rows))
+    print(correctness_line(cx.outputs, ml.outputs)[0])
+    results["prefill_only"] = {
+        "cortexlab": summary(cx),
+        "mlx_lm": summary(ml),
+        "ratio_prompt_tok_s": ml.wall / cx.wall,
+        "num_requests_differing": len(compare(cx.outputs, ml.outputs)),
+    }
+
+    # 4. Engine overhead where the model costs almost nothing.
+    ov = engine_overhead(sizes, repeats, args.profile)
+    us = ov["instrumented_us"]
+    print(
+        f"\n4. engine overhead on tiny-random: {ov['requests']} requests x "
+        f"{ov['prompt_tokens']}-token prompts x {ov['output_tokens']} tokens "
+        f"({ov['num_steps']} steps, {ov['num_decode_steps']} pure decode); us per decode step"
+    )
+    print(
+        table(
+            [
+                ["measure", "us/step"],
+                ["cortexlab engine.step(), no hooks", ov["mean_decode_step_us"]],
+                [f"bare mlx-lm forward+argmax+sync, B={ov['requests']}", ov["bare_decode_step_us"]],
+                ["  -> engine overhead vs bare forward", ov["overhead_vs_bare_us"]],
+                ["instrumented engine.step()", us["step"]],
+                ["  runner.forward graph build", us["build"]],
+                ["    of which plan_forward", us["plan"]],
+                ["  forward mx.eval (the compute)", us["eval"]],
+                ["  sample + its eval", us["sample"]],
+                [
+                    "  -> rest: schedule, bookkeeping, detokenize",
+                    ov["overhead_outside_forward_sample_us"],
+                ],
+                ["  -> all host-side Python (step - eval)", ov["host_side_us"]],
+                ["mlx-lm BatchGenerator decode next()", ov["mlx_lm_decode_call_us"]],
+            ]
+        )
+    )
+    if args.profile:
+        print("\ncProfile of one tiny-random engine run (by own time):")
+        print(ov["profile"])
+    results["engine_overhead"] = ov
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"\nwrote {args.json}")
+    # A real bug shows as many divergent requests; a near-tie flip now and then is tolerated.
+    if num_diff > sizes.e2e_requests // 4:
+        print(f"FAIL: {num_diff} of {sizes.e2e_requests} end-to-end requests diverge")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -170,10 +170,10 @@ def load_gguf(path: str | os.PathLike, *, quantized: bool | None = None) -> Mode
             f"{SUPPORTED_TENSOR_TYPES}"
         ) from exc
     config = config_from_metadata(md, weights)
-    tokenizer = Tokenizer.from_gguf_metadata(md)
     if quantized is None:
         quantized = is_gpu()
     converted, bits_of = convert_weights(weights, quantized=quantized)
+    tokenizer = Tokenizer.from_gguf_metadata(md)
     module = llama.Model(llama.ModelArgs.from_dict(config))
     if bits_of:
         nn.quantize(
