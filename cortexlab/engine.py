@@ -410,7 +410,9 @@ class Engine:
                     f"params must be one SamplingParams or one per prompt ({len(prompts)}), "
                     f"got {len(params_list)}"
                 )
-        requests = [self.submit(p, sp, chat=chat) for p, sp in zip(prompts, params_list)]
+        requests = [
+            self.submit(p, sp, chat=chat) for p, sp in zip(prompts, params_list, strict=False)
+        ]
         self._wait(requests)
         return [self.result(r) for r in requests]
 
@@ -449,7 +451,8 @@ class Engine:
                 else:
                     with self._progress:
                         self._progress.wait_for(
-                            lambda: request.is_finished or len(request.text) > sent, timeout=1.0
+                            lambda n=sent: request.is_finished or len(request.text) > n,
+                            timeout=1.0,
                         )
                 text = request.text
                 if len(text) > sent:

@@ -52,7 +52,7 @@ def test_env_override_is_tried_first(tmp_path):
     bogus = tmp_path / "libnotblas.so"
     bogus.write_text("not a shared object")
     out = run_python(
-        "import cortexlab.backend as b; s = b.blas_state(); print(s.path != %r)" % str(bogus),
+        f"import cortexlab.backend as b; s = b.blas_state(); print(s.path != {str(bogus)!r})",
         CORTEXLAB_BLAS=str(bogus),
     )
     assert out.returncode == 0, out.stderr

@@ -108,7 +108,9 @@ def _write_folder(path, tiny):
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"})
     )
     (path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(tiny.module.parameters())))
+    mx.save_safetensors(
+        str(path / "model.safetensors"), dict(tree_flatten(tiny.module.parameters()))
+    )
 
 
 def test_load_local_folder_through_mlx_lm(tmp_path, tiny):

@@ -104,7 +104,7 @@ def model_from_module(
 ) -> Model:
     """Wrap an mlx-lm llama-style module, reading the KV shapes from its first attention."""
     attn = module.layers[0].self_attn
-    num_kv_heads = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads")
+    num_kv_heads = getattr(attn, "n_kv_heads", None) or attn.num_key_value_heads
     head_dim = getattr(attn, "head_dim", None) or attn.k_proj.weight.shape[0] // num_kv_heads
     args = getattr(module, "args", None)
     vocab = config.get("vocab_size") or getattr(args, "vocab_size", 0)

@@ -106,7 +106,7 @@ def tiny_random(*, seed: int = 0, dtype: mx.Dtype = mx.float32) -> Model:
     params = tree_flatten(module.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
-    for (name, value), key in zip(params, keys):
+    for (name, value), key in zip(params, keys, strict=False):
         if name.endswith("norm.weight"):
             # Norm gains near 1 keep activations in a realistic range.
             arr = 1.0 + 0.1 * mx.random.normal(value.shape, key=key)
