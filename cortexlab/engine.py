@@ -15,8 +15,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.core as mx
-
 from cortexlab.backend import warn_if_slow
 from cortexlab.hooks import HookManager, RequestEvent, StepEvent
 from cortexlab.kv import allocators
@@ -27,6 +25,8 @@ from cortexlab.runner import RowWork, Runner
 from cortexlab.sampling import sample
 from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, schedulers
 from cortexlab.trace import request_metrics
+
+import mlx.core as mx
 
 CLOCKS = ("wall", "measured")
 DEFAULT_KV_MEMORY_BYTES = 1 << 30

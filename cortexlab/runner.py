@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-import numpy as np
-
 from cortexlab.kv.arena import KVArena, PagedLayerCache, plan_forward
 from cortexlab.models.base import Model
+
+import mlx.core as mx
+import numpy as np
 
 # Model types whose mlx-lm `Model.__call__` is exactly `head(self.model(x))`: for these the
 # runner applies the head only to the positions it samples (a prompt's other positions would

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pandas as pd
-
 from cortexlab.hooks import RequestEvent, StepEvent
+
+import pandas as pd
 
 
 def request_metrics(request) -> dict:

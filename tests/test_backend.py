@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
+import cortexlab as cl
+from cortexlab import backend
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import cortexlab as cl
-from cortexlab import backend
 
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 needs_openblas = pytest.mark.skipif(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import cortexlab as cl
+from cortexlab.request import RequestState
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import assert_all_free, mlx_lm_greedy, needs_smollm
-
-import cortexlab as cl
-from cortexlab.request import RequestState
 
 PROMPT_LENGTHS = [1, 7, 16, 17, 50, 99, 150, 200]
 MAX_TOKENS = 12

@@ -6,6 +6,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from cortexlab.kv import (
+    Allocator,
+    BlockAllocator,
+    KVSequence,
+    OutOfBlocks,
+    allocators,
+    longest_run,
+    slot_mapping,
+)
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,16 +27,6 @@ from hypothesis.stateful import (
     precondition,
     rule,
     run_state_machine_as_test,
-)
-
-from cortexlab.kv import (
-    Allocator,
-    BlockAllocator,
-    KVSequence,
-    OutOfBlocks,
-    allocators,
-    longest_run,
-    slot_mapping,
 )
 
 ALLOCATOR_NAMES = ["paged", "contiguous"]

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
+import cortexlab as cl
+from cortexlab.models import gguf
+from cortexlab.models.tiny import TINY_CONFIG
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import mlx_lm_greedy, needs_smollm
 from mlx.utils import tree_flatten
-
-import cortexlab as cl
-from cortexlab.models import gguf
-from cortexlab.models.tiny import TINY_CONFIG
 
 LLAMA_METADATA = {
     "general.architecture": "llama",
@@ -92,9 +92,9 @@ def test_byte_tokenizer_round_trip(tiny):
 
 def _write_folder(path, tiny):
     """A Hugging Face-style llama folder: config, safetensors, a byte-level tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     from cortexlab.models.tokenizer import _bytes_to_unicode
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     for i, special in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):

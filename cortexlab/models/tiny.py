@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import codecs
 
+from cortexlab.models.base import Model, model_from_module
+
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
-
-from cortexlab.models.base import Model, model_from_module
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TINY_CONFIG = {

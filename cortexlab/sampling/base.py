@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import mlx.core as mx
-
 from cortexlab.registry import Registry
 from cortexlab.request import SamplingParams
+
+import mlx.core as mx
 
 
 @dataclass(frozen=True, slots=True)

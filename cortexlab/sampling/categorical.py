@@ -9,10 +9,10 @@ a random number and two logs per logit (~2x slower on CPU).
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, exp, stages
+
+import mlx.core as mx
 
 _MASK64 = (1 << 64) - 1
 _UNIFORM_BITS = 24  # float32 holds 24 bits exactly, so u * total never rounds up to total

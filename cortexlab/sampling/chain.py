@@ -5,10 +5,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-import mlx.core as mx
-
 from cortexlab.request import MAX_SEED, SamplingParams
 from cortexlab.sampling.base import SamplingBatch, Stage, stages
+
+import mlx.core as mx
 
 # Processor order. Temperature first so that top-p's nucleus is over the scaled
 # distribution; top-k before top-p as in vLLM and Hugging Face. New stages slot in here.

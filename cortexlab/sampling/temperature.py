@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, stages
+
+import mlx.core as mx
 
 MAX_INVERSE_TEMPERATURE = 1e30
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import NEG_INF, SamplingBatch, mask, stages
+
+import mlx.core as mx
 
 
 def effective_top_k(params: SamplingParams, vocab_size: int) -> int:

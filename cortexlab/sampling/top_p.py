@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import NEG_INF, SamplingBatch, exp, mask, stages
 from cortexlab.sampling.top_k import effective_top_k
+
+import mlx.core as mx
 
 # Cumulative sums in float32 land a few ulps off; without slack, p=0.8 over probabilities
 # [0.5, 0.3, ...] would sometimes take a third token because 0.5 + 0.3 came out 0.79999995.
