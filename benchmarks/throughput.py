@@ -34,8 +34,10 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-# Shared batch limits. mlx-lm's prefill_batch_size has no cortexlab counterpart (the token
-# budget decides how many prompts join a step); we keep mlx-lm's default.
+# Shared batch limits, equal in name more than in effect: cortexlab's max_num_batched_tokens
+# caps a whole step's tokens, mlx-lm's prefill_step_size caps each prompt's chunk (so 8 prompts
+# of 400 tokens go through one 3,200-token forward). mlx-lm's prefill_batch_size has no cortexlab
+# counterpart (the token budget decides how many prompts join a step); we keep its default.
 MAX_NUM_SEQS = 32
 MAX_NUM_BATCHED_TOKENS = 2048
 PREFILL_BATCH_SIZE = 8
@@ -165,7 +167,10 @@ def run_mlx_lm(module, prompts: list[list[int]], max_tokens: list[int]) -> Run:
         while left:
             c0 = time.perf_counter()
             prompt_responses, generation_responses = gen.next()
-            calls.append((time.perf_counter() - c0, bool(prompt_responses), generation_responses))
+            # Keep counts only: responses hold logprob views that pin each step's [B, V] array.
+            calls.append(
+                (time.perf_counter() - c0, bool(prompt_responses), len(generation_responses))
+            )
             for r in generation_responses:
                 outputs[r.uid].append(r.token)
                 left -= r.finish_reason is not None
@@ -174,7 +179,7 @@ def run_mlx_lm(module, prompts: list[list[int]], max_tokens: list[int]) -> Run:
     # still in flight: every output is already here, but the next measurement must not pay it.
     mx.synchronize(gen.stream)
     gen.close()
-    decode = [(t, len(g)) for t, had_prompt, g in calls if not had_prompt]
+    decode = [(t, n) for t, had_prompt, n in calls if not had_prompt]
     return Run(
         wall=wall,
         outputs=[outputs[uid] for uid in uids],
@@ -285,10 +290,11 @@ def instrumented(engine: cl.Engine):
         del engine.runner.forward  # back to the class's method
 
 
-def bare_decode_step(module, batch: int, context: int, steps: int) -> float:
-    """Seconds per synchronous greedy decode step of a plain mlx-lm KVCache batch."""
+def bare_decode_step(module, batch: int, prompt: int, steps: int) -> float:
+    """Seconds per synchronous greedy decode step of a plain mlx-lm KVCache batch, over the
+    same contexts as the engine's decode steps (`prompt` tokens, then `steps` more)."""
     cache = make_prompt_cache(module)
-    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (batch, context), dtype=np.int32))
+    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (batch, prompt), dtype=np.int32))
     y = mx.argmax(module(tokens, cache=cache)[:, -1], axis=-1)
     mx.eval(y)
     t0 = time.perf_counter()
@@ -323,9 +329,8 @@ def engine_overhead(sizes: Sizes, repeats: int, profile: bool) -> dict:
     tries = max(3, repeats)
     plain = min(mean_decode(*drive(engine, prompts, max_tokens)) for _ in range(tries))
     part = min((instrumented_run() for _ in range(tries)), key=lambda p: p["step"])
-    context = sizes.tiny_prompt + sizes.tiny_tokens // 2  # the decode phase's mean context
     bare = min(
-        bare_decode_step(tiny.module, sizes.tiny_requests, context, sizes.tiny_tokens)
+        bare_decode_step(tiny.module, sizes.tiny_requests, sizes.tiny_prompt, sizes.tiny_tokens - 1)
         for _ in range(tries)
     )
     mlx_run = best_of(
@@ -426,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         f"prefill_step_size = {MAX_NUM_BATCHED_TOKENS}, mlx-lm prefill_batch_size = "
         f"{PREFILL_BATCH_SIZE} (its default); cortexlab fcfs + paged, block_size {BLOCK_SIZE}; "
         f"greedy, EOS ignored; best of {repeats}"
+    )
+    print(
+        "note: max_num_batched_tokens caps all tokens of a cortexlab step; prefill_step_size "
+        "caps each prompt's chunk in an mlx-lm prefill batch"
     )
     results: dict = {
         "info": info,

@@ -1,11 +1,11 @@
 """The shared KV arena and the mlx-lm cache adapter that reads it by block table.
 
 One arena per engine: for every layer a K and a V array of `num_blocks * block_size` token
-slots (plus one scratch slot that absorbs writes from padding positions). Attention in an
+slots (plus one scratch block that absorbs writes from padding positions). Attention in an
 *unmodified* mlx-lm model reads K/V through `PagedLayerCache`, which the model sees as an
-ordinary cache: `update_and_fetch` scatters the new K/V into the arena slots the allocator
-handed out, then gathers each row's context back by slot, and `make_mask` supplies the
-per-row causal mask over that gathered context. No per-request dense K/V is kept.
+ordinary cache: `update_and_fetch` scatters the new K/V into the arena blocks the allocator
+handed out, then gathers each row's context back block by block, and `make_mask` supplies
+the per-row causal mask over that gathered context. No per-request dense K/V is kept.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ import numpy as np
 
 
 class KVArena:
-    """Per-layer K and V storage of `num_blocks x block_size` token slots."""
+    """Per-layer K and V storage of `num_blocks x block_size` token slots.
+
+    Layout per layer: rows of `head_dim` values ordered (block, kv head, offset in block),
+    i.e. `[(num_blocks + 1) * num_kv_heads * block_size, head_dim]`. Gathering a sequence's
+    blocks then copies `block_size * head_dim` contiguous values per (block, head) and lands
+    directly in the `[B, H, K, D]` order attention wants, with no transpose copy (MLX's CPU
+    attention is ~7x slower on transposed K/V). Block `num_blocks` is scratch: padding writes
+    go there and padded reads come from there, always masked out.
+    """
 
     def __init__(
         self,
@@ -36,16 +44,15 @@ class KVArena:
         self.head_dim = head_dim
         self.dtype = dtype
         self.num_slots = num_blocks * block_size
-        # The extra last slot is a sink for padding writes; it is never read unmasked.
-        self.scratch_slot = self.num_slots
-        shape = (self.num_slots + 1, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = ((num_blocks + 1) * num_kv_heads * block_size, head_dim)
         self.keys = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         self.values = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         mx.eval(self.keys, self.values)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all K and V arrays."""
+        """Bytes held by all K and V arrays (including the scratch block)."""
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
     @property
@@ -53,11 +60,40 @@ class KVArena:
         """Every K and V array (to evaluate alongside a step's outputs)."""
         return self.keys + self.values
 
-    def read_slots(self, block_table: list[int], num_tokens: int) -> np.ndarray:
-        """Physical slots of positions [0, num_tokens) of a sequence."""
-        pos = np.arange(num_tokens)
-        table = np.asarray(block_table, dtype=np.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def write_rows(self, block_table: list[int], start: int, end: int) -> np.ndarray:
+        """Arena rows `[end - start, H]` that hold positions [start, end) of a sequence."""
+        pos = np.arange(start, end)
+        blocks = np.asarray(block_table, dtype=np.int64)[pos // self.block_size]
+        heads = np.arange(self.num_kv_heads)
+        base = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size
+        return base + (pos % self.block_size)[:, None]
+
+    def block_rows(self, block_tables: list[list[int]], num_blocks: int) -> np.ndarray:
+        """`[G, H, num_blocks]` rows of the block-major view; short tables padded with scratch."""
+        table = np.full((len(block_tables), num_blocks), self.scratch_block, dtype=np.int64)
+        for i, t in enumerate(block_tables):
+            n = min(len(t), num_blocks)
+            table[i, :n] = t[:n]
+        heads = np.arange(self.num_kv_heads)
+        return table[:, None, :] * self.num_kv_heads + heads[None, :, None]
+
+    def gather(self, layer: int, rows: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V `[G, H, nb * block_size, D]` for block rows `[G, H, nb]`."""
+        g, h, nb = rows.shape
+        width = self.block_size * self.head_dim
+        shape = (g, h, nb * self.block_size, self.head_dim)
+        k = self.keys[layer].reshape(-1, width)[rows].reshape(shape)
+        v = self.values[layer].reshape(-1, width)[rows].reshape(shape)
+        return k, v
+
+    def read(
+        self, layer: int, block_table: list[int], num_tokens: int
+    ) -> tuple[mx.array, mx.array]:
+        """K and V `[H, num_tokens, D]` of one sequence (for inspection and tests)."""
+        nb = -(-num_tokens // self.block_size)
+        rows = mx.array(self.block_rows([block_table], nb).astype(np.int32))
+        k, v = self.gather(layer, rows)
+        return k[0, :, :num_tokens], v[0, :, :num_tokens]
 
 
 @dataclass(slots=True)
@@ -69,8 +105,8 @@ class ForwardPlan:
     """
 
     offsets: mx.array  # [G] int32: tokens already in the arena per row
-    write_slots: mx.array  # [G * L] int32: where each new token's K/V goes
-    read_slots: mx.array | None  # [G, K] int32, or None when all rows start at 0
+    write_rows: mx.array  # [G * L * H] int32: arena row of each new token's K/V, per head
+    read_rows: mx.array | None  # [G, H, nb] int32 block rows; None when all rows start at 0
     mask: mx.array  # [G, 1, L, K] bool
     last_index: mx.array  # [G] int32: query position whose logits are sampled
 
@@ -78,19 +114,20 @@ class ForwardPlan:
 def plan_forward(
     arena: KVArena, block_tables: list[list[int]], offsets: list[int], num_new: list[int]
 ) -> ForwardPlan:
-    """Slots and masks for rows that each add `num_new[i]` tokens after `offsets[i]`."""
-    num_rows = len(num_new)
+    """Arena rows and masks for rows that each add `num_new[i]` tokens after `offsets[i]`."""
+    num_rows, heads = len(num_new), arena.num_kv_heads
     length = max(num_new)
     ends = np.asarray(offsets) + np.asarray(num_new)
-    width = int(ends.max())
-    write = np.full((num_rows, length), arena.scratch_slot, dtype=np.int32)
-    fresh = all(o == 0 for o in offsets)
-    read = None if fresh else np.full((num_rows, width), arena.scratch_slot, dtype=np.int32)
+    # Padding positions write into the scratch block (any row of it will do).
+    scratch_row = arena.scratch_block * heads * arena.block_size
+    write = np.full((num_rows, length, heads), scratch_row, dtype=np.int64)
     for i, (table, off, n) in enumerate(zip(block_tables, offsets, num_new, strict=True)):
-        slots = arena.read_slots(table, off + n)
-        write[i, :n] = slots[off:]
-        if read is not None:
-            read[i, : off + n] = slots
+        write[i, :n] = arena.write_rows(table, off, off + n)
+    if all(o == 0 for o in offsets):
+        read, width = None, length
+    else:
+        num_blocks = -(-int(ends.max()) // arena.block_size)
+        read, width = arena.block_rows(block_tables, num_blocks), num_blocks * arena.block_size
     q = np.asarray(offsets)[:, None] + np.arange(length)[None, :]  # [G, L] query positions
     k = np.arange(width)[None, None, :]
     # Causal within each row's own context; padding queries see that row's real keys only,
@@ -98,8 +135,8 @@ def plan_forward(
     mask = (k <= q[:, :, None]) & (k < ends[:, None, None])
     return ForwardPlan(
         offsets=mx.array(np.asarray(offsets, dtype=np.int32)),
-        write_slots=mx.array(write.reshape(-1)),
-        read_slots=None if read is None else mx.array(read),
+        write_rows=mx.array(write.reshape(-1).astype(np.int32)),
+        read_rows=None if read is None else mx.array(read.astype(np.int32)),
         mask=mx.array(mask[:, None, :, :]),
         last_index=mx.array(np.asarray(num_new, dtype=np.int32) - 1),
     )
@@ -119,19 +156,15 @@ class PagedLayerCache:
         return self.plan.offsets
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write new K/V ([G, H, L, D]) into the arena; return each row's context K/V."""
+        """Write new K/V (`[G, H, L, D]`) into the arena; return each row's context K/V."""
         g, h, length, d = keys.shape
-        arena, layer, plan = self.arena, self.layer, self.plan
-        arena.keys[layer][plan.write_slots] = keys.transpose(0, 2, 1, 3).reshape(g * length, h, d)
-        arena.values[layer][plan.write_slots] = values.transpose(0, 2, 1, 3).reshape(
-            g * length, h, d
-        )
-        if plan.read_slots is None:
+        arena, layer, rows = self.arena, self.layer, self.plan.write_rows
+        arena.keys[layer][rows] = keys.transpose(0, 2, 1, 3).reshape(g * length * h, d)
+        arena.values[layer][rows] = values.transpose(0, 2, 1, 3).reshape(g * length * h, d)
+        if self.plan.read_rows is None:
             # Every row starts at position 0: its context is exactly the new tokens.
             return keys, values
-        k = arena.keys[layer][plan.read_slots].transpose(0, 2, 1, 3)
-        v = arena.values[layer][plan.read_slots].transpose(0, 2, 1, 3)
-        return k, v
+        return arena.gather(layer, self.plan.read_rows)
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """The plan's per-row causal mask (sliding windows are not supported)."""
