@@ -36,7 +36,7 @@ def _generate(args: argparse.Namespace) -> int:
         for delta in engine.stream(prompt, params, chat=args.chat):
             print(delta, end="", flush=True)
         request = engine.get_request(i)
-        print()
+        print(flush=True)
         if request.error:
             print(f"cortexlab generate: request failed: {request.error}", file=sys.stderr)
             return 1
