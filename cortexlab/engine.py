@@ -54,6 +54,18 @@ class Result:
         )
 
 
+def _token_slice(request: Request, num_new_tokens: int) -> list[int]:
+    """The next `num_new_tokens` uncomputed tokens of `request` (without copying the rest)."""
+    start, prompt = request.num_computed_tokens, request.prompt_token_ids
+    end = start + num_new_tokens
+    if start >= len(prompt):
+        n = len(prompt)
+        return request.output_token_ids[start - n : end - n]
+    return (
+        (prompt + request.output_token_ids)[start:end] if end > len(prompt) else prompt[start:end]
+    )
+
+
 class Clock:
     """Engine time in seconds since the engine was built.
 
@@ -283,9 +295,7 @@ class Engine:
             RowWork(
                 s.request.block_table,
                 s.request.num_computed_tokens,
-                s.request.all_token_ids[
-                    s.request.num_computed_tokens : s.request.num_computed_tokens + s.num_new_tokens
-                ],
+                _token_slice(s.request, s.num_new_tokens),
                 s.needs_logits,
             )
             for s in batch.scheduled

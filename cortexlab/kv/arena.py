@@ -120,9 +120,16 @@ def plan_forward(
     ends = np.asarray(offsets) + np.asarray(num_new)
     # Padding positions write into the scratch block (any row of it will do).
     scratch_row = arena.scratch_block * heads * arena.block_size
-    write = np.full((num_rows, length, heads), scratch_row, dtype=np.int64)
-    for i, (table, off, n) in enumerate(zip(block_tables, offsets, num_new, strict=True)):
-        write[i, :n] = arena.write_rows(table, off, off + n)
+    if length == 1:
+        # Decode: one new token per row, computed for all rows at once.
+        bs = arena.block_size
+        blocks = np.array([t[o // bs] for t, o in zip(block_tables, offsets, strict=True)])
+        within = np.asarray(offsets) % bs
+        write = (blocks[:, None] * heads + np.arange(heads)[None, :]) * bs + within[:, None]
+    else:
+        write = np.full((num_rows, length, heads), scratch_row, dtype=np.int64)
+        for i, (table, off, n) in enumerate(zip(block_tables, offsets, num_new, strict=True)):
+            write[i, :n] = arena.write_rows(table, off, off + n)
     if all(o == 0 for o in offsets):
         read, width = None, length
     else:
