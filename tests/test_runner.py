@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cortexlab.kv.arena import KVArena
-from cortexlab.runner import MAX_PADDING_TOKENS, RowWork, Runner, group_rows
+from cortexlab.runner import MAX_PADDING_TOKENS, RowWork, Runner, group_rows, split_waves
 
 import mlx.core as mx
 import numpy as np
@@ -56,3 +56,14 @@ def test_forward_rejects_empty(tiny):
     arena = KVArena(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=16)
     with pytest.raises(ValueError, match="rows must not be empty"):
         Runner(tiny, arena).forward([])
+
+
+def test_split_waves_cuts_long_rows_into_ordered_pieces():
+    rows = [RowWork([0], 5, list(range(300)), True), RowWork([1], 0, [7], True)]
+    waves = split_waves(rows, chunk=128)
+    assert [[(i, p.offset, len(p.token_ids), p.needs_logits) for i, p in w] for w in waves] == [
+        [(0, 5, 128, False), (1, 0, 1, True)],
+        [(0, 133, 128, False)],
+        [(0, 261, 44, True)],
+    ]
+    assert sum((p.token_ids for w in waves for i, p in w if i == 0), []) == list(range(300))
