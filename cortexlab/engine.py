@@ -191,11 +191,21 @@ class Engine:
         request_id: str | int | None = None,
     ) -> Request:
         """Queue a prompt (text or token ids); thread-safe. Impossible requests fail at once."""
+        token_ids, text = self._encode(prompt, chat)
+        return self._submit(token_ids, params, text, request_id)
+
+    def _encode(self, prompt: str | Sequence[int], chat: bool) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
-            token_ids = self.model.encode_prompt(prompt, chat=chat)
-            text = prompt
-        else:
-            token_ids, text = list(prompt), None
+            return self.model.encode_prompt(prompt, chat=chat), prompt
+        return list(prompt), None
+
+    def _submit(
+        self,
+        token_ids: list[int],
+        params: SamplingParams | None,
+        text: str | None,
+        request_id: str | int | None = None,
+    ) -> Request:
         with self._lock:
             if request_id is None:
                 request_id = self._next_id
@@ -420,8 +430,16 @@ class Engine:
                     f"params must be one SamplingParams or one per prompt ({len(prompts)}), "
                     f"got {len(params_list)}"
                 )
+        # Check every prompt before queueing any, so a bad one leaves nothing half-submitted.
+        encoded = [self._encode(p, chat) for p in prompts]
+        for i, ((ids, _), sp) in enumerate(zip(encoded, params_list, strict=True)):
+            if not ids:
+                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(sp).__name__}")
         requests = [
-            self.submit(p, sp, chat=chat) for p, sp in zip(prompts, params_list, strict=False)
+            self._submit(ids, sp, text)
+            for (ids, text), sp in zip(encoded, params_list, strict=True)
         ]
         self._wait(requests)
         return [self.result(r) for r in requests]

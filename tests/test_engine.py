@@ -211,6 +211,11 @@ def test_generate_checks_arguments(tiny):
         engine.generate("hello")
     with pytest.raises(ValueError, match="one per prompt"):
         engine.generate(["a", "b"], [cl.SamplingParams()])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        engine.generate(["a", "", "c"])
+    with pytest.raises(ValueError, match=r"params\[0\] must be a SamplingParams"):
+        engine.generate(["a"], [{"max_tokens": 3}])
+    assert not engine.has_unfinished, "a rejected batch queues nothing"
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         cl.Engine(tiny, block_size=0)
     with pytest.raises(ValueError, match="max_num_seqs must be an int >= 1"):
