@@ -30,7 +30,8 @@ demo: $(STAMP)
 	  "Name three primary colors."
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests notebooks \
+	  --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cortexlab tests benchmarks
