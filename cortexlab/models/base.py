@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -76,7 +77,8 @@ class Model:
         """The model's facts as a flat dict."""
         return {
             "name": self.name,
-            "source": self.source,
+            # The file or folder name only: the full path differs machine to machine.
+            "source": Path(self.source).name,
             "layers": self.num_layers,
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
