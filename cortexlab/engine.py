@@ -119,19 +119,20 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill,
         )
-        if num_blocks is None:
-            # Enough for max_num_seqs full contexts, capped by the memory budget.
-            per_block = model.kv_bytes_per_token * block_size
-            wanted = -(-max_num_seqs * model.max_context // block_size)
-            num_blocks = max(1, min(wanted, kv_memory_bytes // per_block))
-        elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-        if isinstance(allocator, str):
+        if not isinstance(allocator, str):
+            # A ready allocator brings its own num_blocks and block_size.
+            self.allocator = allocator
+        else:
+            if num_blocks is None:
+                # Enough for max_num_seqs full contexts, capped by the memory budget.
+                per_block = model.kv_bytes_per_token * block_size
+                wanted = -(-max_num_seqs * model.max_context // block_size)
+                num_blocks = max(1, min(wanted, kv_memory_bytes // per_block))
+            elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+                raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
             self.allocator = allocators.create(
                 allocator, num_blocks=num_blocks, block_size=block_size
             )
-        else:
-            self.allocator = allocator
         self.scheduler = schedulers.create(scheduler)
         self.arena = KVArena(
             num_layers=model.num_layers,

@@ -60,13 +60,17 @@ class KVArena:
         """Every K and V array (to evaluate alongside a step's outputs)."""
         return self.keys + self.values
 
+    def rows_of(self, blocks: np.ndarray, within: np.ndarray) -> np.ndarray:
+        """Arena rows `[N, H]` of N token slots given as (block id, offset within block)."""
+        heads = np.arange(self.num_kv_heads)
+        base = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size
+        return base + within[:, None]
+
     def write_rows(self, block_table: list[int], start: int, end: int) -> np.ndarray:
         """Arena rows `[end - start, H]` that hold positions [start, end) of a sequence."""
         pos = np.arange(start, end)
         blocks = np.asarray(block_table, dtype=np.int64)[pos // self.block_size]
-        heads = np.arange(self.num_kv_heads)
-        base = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size
-        return base + (pos % self.block_size)[:, None]
+        return self.rows_of(blocks, pos % self.block_size)
 
     def block_rows(self, block_tables: list[list[int]], num_blocks: int) -> np.ndarray:
         """`[G, H, num_blocks]` rows of the block-major view; short tables padded with scratch."""
@@ -124,8 +128,7 @@ def plan_forward(
         # Decode: one new token per row, computed for all rows at once.
         bs = arena.block_size
         blocks = np.array([t[o // bs] for t, o in zip(block_tables, offsets, strict=True)])
-        within = np.asarray(offsets) % bs
-        write = (blocks[:, None] * heads + np.arange(heads)[None, :]) * bs + within[:, None]
+        write = arena.rows_of(blocks, np.asarray(offsets) % bs)
     else:
         write = np.full((num_rows, length, heads), scratch_row, dtype=np.int64)
         for i, (table, off, n) in enumerate(zip(block_tables, offsets, num_new, strict=True)):
