@@ -2,8 +2,9 @@
 
 # backend must be imported before anything imports mlx: it loads the fast BLAS.
 from cortexlab.backend import info, seed  # noqa: I001
-from cortexlab import kv, sampling, schedulers
+from cortexlab import guard, kv, sampling, schedulers
 from cortexlab.engine import Engine, Result
+from cortexlab.guard import EngineError, PolicyError, StallError, StepError
 from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
@@ -12,14 +13,19 @@ from cortexlab.trace import Trace
 __all__ = [
     "HOOK_POINTS",
     "Engine",
+    "EngineError",
     "FinishReason",
     "Model",
+    "PolicyError",
     "Request",
     "RequestState",
     "Result",
     "SamplingParams",
+    "StallError",
+    "StepError",
     "Trace",
     "info",
+    "guard",
     "kv",
     "load_model",
     "sampling",

@@ -10,48 +10,48 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cortexlab.backend import warn_if_slow
+from cortexlab.clock import Clock
+from cortexlab.guard import (
+    EngineError,
+    PolicyError,
+    ProgressWatch,
+    StallError,
+    StepError,
+    check_arena_size,
+    check_batch,
+    check_block_tables,
+    check_engine_options,
+    check_positive_int,
+    resolve_num_blocks,
+)
 from cortexlab.hooks import HookManager, RequestEvent, StepEvent
-from cortexlab.kv import allocators
+from cortexlab.kv import as_allocator
 from cortexlab.kv.arena import KVArena
 from cortexlab.models.base import Model
-from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
+from cortexlab.request import (
+    FinishReason,
+    Request,
+    SamplingParams,
+    _is_int,
+    check_token_ids,
+)
 from cortexlab.runner import RowWork, Runner
 from cortexlab.sampling import sample
-from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, schedulers
-from cortexlab.trace import request_metrics
+from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, as_scheduler
+from cortexlab.serving import Result, Serving
 
 import mlx.core as mx
 
-CLOCKS = ("wall", "measured")
+__all__ = ["Engine", "Result", "StepError"]
+
 DEFAULT_KV_MEMORY_BYTES = 1 << 30
-
-
-@dataclass(slots=True)
-class Result:
-    """A finished request as the caller sees it."""
-
-    request_id: str | int
-    prompt: str | None
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    error: str | None = None
-    metrics: dict = field(default_factory=dict)
-
-    def _repr_html_(self) -> str:
-        import html
-
-        return (
-            f"<b>{html.escape(str(self.request_id))}</b> "
-            f"[{self.finish_reason}, {len(self.token_ids)} tokens]: "
-            f"<pre>{html.escape(self.text)}</pre>"
-        )
+DEFAULT_MAX_HISTORY = 1024
 
 
 def _token_slice(request: Request, num_new_tokens: int) -> list[int]:
@@ -66,34 +66,16 @@ def _token_slice(request: Request, num_new_tokens: int) -> list[int]:
     )
 
 
-class Clock:
-    """Engine time in seconds since the engine was built.
+class Engine(Serving):
+    """Continuous batching over one KV arena with pluggable scheduler and allocator.
 
-    `wall`: real elapsed time. `measured`: advances only by each step's measured duration
-    (plus explicit jumps over idle gaps), so experiments do not wait through idle time.
+    Failures stay local: a raising hook is removed with a warning; a policy that breaks the
+    contract (checked every step unless ``check_policies=False``) or a failing forward pass
+    fails the requests of that step with the error recorded on them, and their waiting
+    callers raise it; a stall (nothing scheduled, nothing changing for `stall_timeout`
+    seconds) fails the stuck requests. The engine stays usable after each of these.
+    Finished requests are kept for `get_request` up to the last `max_history`.
     """
-
-    def __init__(self, kind: str) -> None:
-        if kind not in CLOCKS:
-            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {kind!r}")
-        self.kind = kind
-        self._start = time.perf_counter()
-        self._measured = 0.0
-
-    def now(self) -> float:
-        """Current engine time."""
-        if self.kind == "wall":
-            return time.perf_counter() - self._start
-        return self._measured
-
-    def advance(self, seconds: float) -> None:
-        """Add a step's measured duration (no-op for the wall clock)."""
-        if self.kind == "measured":
-            self._measured += seconds
-
-
-class Engine:
-    """Continuous batching over one KV arena with pluggable scheduler and allocator."""
 
     def __init__(
         self,
@@ -108,32 +90,38 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         clock: str = "wall",
+        check_policies: bool = True,
+        stall_timeout: float = 3.0,
+        max_history: int = DEFAULT_MAX_HISTORY,
     ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
         warn_if_slow()
-        for name, value in (("block_size", block_size), ("kv_memory_bytes", kv_memory_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_engine_options(
+            check_policies=check_policies, stall_timeout=stall_timeout, max_history=max_history
+        )
         self.model = model
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill,
         )
-        if not isinstance(allocator, str):
-            # A ready allocator brings its own num_blocks and block_size.
-            self.allocator = allocator
-        else:
-            if num_blocks is None:
-                # Enough for max_num_seqs full contexts, capped by the memory budget.
-                per_block = model.kv_bytes_per_token * block_size
-                wanted = -(-max_num_seqs * model.max_context // block_size)
-                num_blocks = max(1, min(wanted, kv_memory_bytes // per_block))
-            elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-                raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-            self.allocator = allocators.create(
-                allocator, num_blocks=num_blocks, block_size=block_size
+        self.clock = Clock(clock)
+        self.scheduler = as_scheduler(scheduler)
+        if isinstance(allocator, str | type):
+            block_size = check_positive_int("block_size", block_size, high=65536)
+            num_blocks = resolve_num_blocks(
+                model,
+                block_size=block_size,
+                num_blocks=num_blocks,
+                kv_memory_bytes=kv_memory_bytes,
+                max_num_seqs=max_num_seqs,
             )
-        self.scheduler = schedulers.create(scheduler)
+        # A ready allocator brings its own num_blocks and block_size.
+        self.allocator = as_allocator(allocator, num_blocks=num_blocks, block_size=block_size)
+        check_arena_size(
+            model, num_blocks=self.allocator.num_blocks, block_size=self.allocator.block_size
+        )
         self.arena = KVArena(
             num_layers=model.num_layers,
             num_blocks=self.allocator.num_blocks,
@@ -143,19 +131,25 @@ class Engine:
             dtype=model.dtype,
         )
         self.runner = Runner(model, self.arena)
-        self.clock = Clock(clock)
+        self.check_policies = check_policies
         self.state = SchedulerState(
             waiting=deque(), running=[], allocator=self.allocator, config=self.config
         )
         self.hook_manager = HookManager()
         self.num_steps = 0
         self.last_batch: Batch | None = None
-        self._requests: dict[str | int, Request] = {}
+        self.max_history = max_history
+        self._active: dict[str | int, Request] = {}  # submitted and not yet ended
+        self._history: OrderedDict[str | int, Request] = OrderedDict()  # the last ended ones
+        self._reserved_ids: set[int] = set()  # explicit int ids the counter must skip
         self._detokenizers: dict[int, Any] = {}
         self._incoming: deque[Request] = deque()
         self._cancels: set[int] = set()
+        self._num_submitted = 0
+        self._watch = ProgressWatch(timeout=float(stall_timeout))
         self._lock = threading.Lock()
-        self._step_lock = threading.Lock()
+        # Re-entrant: a hook may submit, and submit fails impossible requests under it.
+        self._step_lock = threading.RLock()
         self._progress = threading.Condition()
         self._next_id = 0
         self._background: threading.Thread | None = None
@@ -191,14 +185,38 @@ class Engine:
         chat: bool = False,
         request_id: str | int | None = None,
     ) -> Request:
-        """Queue a prompt (text or token ids); thread-safe. Impossible requests fail at once."""
+        """Queue a prompt (text or token ids); thread-safe.
+
+        Bad input (token ids that are not ints in the vocabulary, a taken request id)
+        raises; a request that can never run under this configuration comes back FAILED
+        with the reason in `.error`.
+        """
         token_ids, text = self._encode(prompt, chat)
         return self._submit(token_ids, params, text, request_id)
 
     def _encode(self, prompt: str | Sequence[int], chat: bool) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
-            return self.model.encode_prompt(prompt, chat=chat), prompt
-        return list(prompt), None
+            ids = self.model.encode_prompt(prompt, chat=chat)
+            return check_token_ids(ids, self.model.vocab_size), prompt
+        return check_token_ids(prompt, self.model.vocab_size), None
+
+    def _claim_id(self, request_id: str | int | None) -> str | int:
+        if request_id is None:
+            # Skip ids a caller chose explicitly, so automatic ids never collide with them.
+            while self._next_id in self._reserved_ids:
+                self._reserved_ids.discard(self._next_id)
+                self._next_id += 1
+            self._next_id += 1
+            return self._next_id - 1
+        if not (isinstance(request_id, str) or _is_int(request_id)):
+            raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
+        if _is_int(request_id):
+            request_id = int(request_id)
+        if request_id in self._active or request_id in self._history:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(request_id, int) and request_id >= self._next_id:
+            self._reserved_ids.add(request_id)
+        return request_id
 
     def _submit(
         self,
@@ -207,17 +225,23 @@ class Engine:
         text: str | None,
         request_id: str | int | None = None,
     ) -> Request:
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         with self._lock:
-            if request_id is None:
-                request_id = self._next_id
-                self._next_id += 1
-            elif request_id in self._requests:
-                raise ValueError(f"request_id {request_id!r} is already in use")
+            request_id = self._claim_id(request_id)
             request = Request(
                 request_id, token_ids, params, prompt=text, arrival_time=self.clock.now()
             )
-            self._requests[request_id] = request
-            self._incoming.append(request)
+            reason = self._why_impossible(request)
+            self._active[request_id] = request
+            self._num_submitted += 1
+            if reason is None:
+                self._incoming.append(request)
+        if reason is not None:
+            with self._step_lock:
+                self._fire_request("request.arrived", request)
+                self._end(request, FinishReason.ERROR, self.clock.now(), message=reason)
+            self._notify()
         return request
 
     def _why_impossible(self, request: Request) -> str | None:
@@ -227,24 +251,31 @@ class Engine:
                 f"({request.params.max_tokens}) = {request.max_num_tokens} exceeds the model's "
                 f"context of {self.model.max_context} tokens"
             )
-        if not self.allocator.can_ever_fit(request):
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_prompt_tokens > budget:
+            return (
+                f"the prompt ({request.num_prompt_tokens} tokens) exceeds "
+                f"max_num_batched_tokens={budget} and enable_chunked_prefill is False, so it "
+                f"can never be scheduled"
+            )
+        try:
+            fits = self.allocator.can_ever_fit(request)
+        except Exception as exc:
+            return f"{type(self.allocator).__name__}.can_ever_fit raised {exc!r}"
+        if not fits:
             return (
                 f"prompt + max_tokens = {request.max_num_tokens} tokens can never fit the KV "
                 f"arena ({self.allocator.num_blocks} blocks x {self.allocator.block_size} "
                 f"slots, {type(self.allocator).__name__})"
             )
-        bad = [t for t in request.prompt_token_ids if t >= self.model.vocab_size]
-        if bad:
-            return (
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})"
-            )
         return None
 
     def cancel(self, request: Request | str | int) -> None:
-        """Cancel a request; takes effect at the next step (thread-safe)."""
-        req = request if isinstance(request, Request) else self._requests[request]
+        """Cancel a request; takes effect at the next step (thread-safe; no-op once ended)."""
+        if not isinstance(request, Request):
+            request = self.get_request(request)
         with self._lock:
-            self._cancels.add(id(req))
+            self._cancels.add(id(request))
 
     def _admit_arrivals(self) -> None:
         with self._lock:
@@ -253,16 +284,16 @@ class Engine:
         now = self.clock.now()
         for request in arrivals:
             self._fire_request("request.arrived", request)
-            reason = self._why_impossible(request)
-            if reason is not None:
-                request.fail(reason, now)
-                self._fire_request("request.finished", request)
+            try:
+                self._detokenizers[id(request)] = self.model.tokenizer.detokenizer()
+            except Exception as exc:
+                self._end(request, FinishReason.ERROR, now, message=f"detokenizer: {exc!r}")
                 continue
-            self._detokenizers[id(request)] = self.model.tokenizer.detokenizer()
             self.state.waiting.append(request)
-        for request in [*self.state.waiting, *self.state.running]:
-            if id(request) in cancels:
-                self._end(request, FinishReason.CANCELLED, now)
+        if cancels:
+            for request in [*self.state.waiting, *self.state.running]:
+                if id(request) in cancels:
+                    self._end(request, FinishReason.CANCELLED, now)
 
     # -- the step ------------------------------------------------------------------------
     @property
@@ -271,92 +302,172 @@ class Engine:
         return bool(self._incoming or self.state.waiting or self.state.running)
 
     def step(self) -> list[Request]:
-        """Run one scheduling + forward + sampling step; returns requests that ended in it."""
-        with self._step_lock:
-            return self._step()
+        """Run one scheduling + forward + sampling step; returns requests that ended in it.
 
-    def _step(self) -> list[Request]:
-        t0 = time.perf_counter()
+        Raises an EngineError (PolicyError, StallError, StepError) after failing the
+        requests the error hit; everything else stays as it was and the engine goes on.
+        """
+        with self._step_lock:
+            t0 = time.perf_counter()
+            try:
+                return self._step(t0)
+            except EngineError:
+                raise
+            except Exception as exc:  # a bug outside every guarded phase: never hang on it
+                error = StepError(f"step {self.num_steps} failed: {type(exc).__name__}: {exc}")
+                raise self._abort(t0, list(self._active.values()), error, exc) from exc
+
+    def _abort(
+        self, t0: float, requests: list[Request], error: EngineError, cause: BaseException | None
+    ) -> EngineError:
+        """Fail `requests` with `error`, close the step, and return the error to raise."""
+        error.__cause__ = cause
+        now = self.clock.now()
+        for request in requests:
+            if not request.is_finished and request not in self._incoming:
+                self._end(request, FinishReason.ERROR, now, error=error)
+        self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=len(requests))
+        return error
+
+    def _schedule(self, t0: float) -> Batch:
+        """The scheduler's batch, checked by the policy guard."""
+        try:
+            batch = self.scheduler.schedule(self.state)
+        except Exception as exc:
+            # Nobody can tell which request the policy choked on: everything it saw fails.
+            error = PolicyError(self.scheduler, f"schedule() raised {type(exc).__name__}: {exc}")
+            raise self._abort(t0, self._queued(), error, exc) from exc
+        if self.check_policies:
+            try:
+                check_batch(batch, self.state, self.scheduler)
+            except PolicyError as error:
+                scheduled = getattr(batch, "scheduled", None) or []
+                hit = [
+                    r for s in scheduled if isinstance(r := getattr(s, "request", None), Request)
+                ]
+                raise self._abort(t0, hit or self._queued(), error, None) from None
+            try:
+                check_block_tables(batch, self.state, self.allocator)
+            except PolicyError as error:
+                hit = [s.request for s in batch.scheduled] + list(self.state.running)
+                raise self._abort(t0, hit, error, None) from None
+        elif batch is None:
+            batch = Batch()
+        return batch
+
+    def _queued(self) -> list[Request]:
+        """Every admitted request that has not ended (waiting, running or lost by a policy)."""
+        return [r for r in self._active.values() if not r.is_finished]
+
+    def _step(self, t0: float) -> list[Request]:
         self._admit_arrivals()
         self.state.now = self.clock.now()
         self._fire_step("step.begin")
-        batch = self.last_batch = self.scheduler.schedule(self.state)
+        batch = self.last_batch = self._schedule(t0)
         for request in batch.preempted:
             self._fire_request("request.preempted", request)
         if batch.is_empty:
+            self._watch_progress(t0)
             self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=0)
             return []
+        self._watch.reset()
         for s in batch.scheduled:
             if s.request.num_preemptions == 0 and s.request.num_computed_tokens == 0:
                 self._fire_request("request.scheduled", s.request)
-        self._fire_step(
-            "step.batch",
-            {
-                "num_seqs": batch.num_seqs,
-                "num_prefill_seqs": batch.num_prefill_seqs,
-                "num_decode_seqs": batch.num_decode_seqs,
-                "num_prefill_tokens": batch.num_prefill_tokens,
-                "num_batched_tokens": batch.num_batched_tokens,
-                "num_preempted": len(batch.preempted),
-                "request_ids": [s.request.request_id for s in batch.scheduled],
-                "num_new_tokens": [s.num_new_tokens for s in batch.scheduled],
-            },
-        )
-        rows = [
-            RowWork(
-                s.request.block_table,
-                s.request.num_computed_tokens,
-                _token_slice(s.request, s.num_new_tokens),
-                s.needs_logits,
-            )
-            for s in batch.scheduled
-        ]
+        if self.hook_manager.is_active("step.batch"):
+            self._fire_step("step.batch", _batch_data(batch))
         sampled = [s.request for s in batch.scheduled if s.needs_logits]
-        logits = self.runner.forward(rows)
-        tokens = sample(
-            logits,
-            [r.params for r in sampled],
-            [r.seed for r in sampled],
-            [r.num_output_tokens for r in sampled],
-        )
-        # The one sync of the step: tokens and every arena write together.
-        mx.eval(tokens, *self.arena.arrays)
-        token_list = tokens.tolist()
+        try:
+            rows = [
+                RowWork(
+                    s.request.block_table,
+                    s.request.num_computed_tokens,
+                    _token_slice(s.request, s.num_new_tokens),
+                    s.needs_logits,
+                )
+                for s in batch.scheduled
+            ]
+            logits = self.runner.forward(rows)
+            tokens = sample(
+                logits,
+                [r.params for r in sampled],
+                [r.seed for r in sampled],
+                [r.num_output_tokens for r in sampled],
+            )
+            # The one sync of the step: tokens and every arena write together.
+            mx.eval(tokens, *self.arena.arrays)
+            token_list = tokens.tolist()
+        except Exception as exc:
+            error = StepError(
+                f"step {self.num_steps}: the forward pass or sampler raised "
+                f"{type(exc).__name__}: {exc}"
+            )
+            raise self._abort(t0, [s.request for s in batch.scheduled], error, exc) from exc
         duration = time.perf_counter() - t0
         self.clock.advance(duration)
         now = self.clock.now()
         for s in batch.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-        ended = []
+        ended, failure = [], None
         for request, token in zip(sampled, token_list, strict=True):
-            request.append_token(token, now)
-            if request.num_output_tokens == 1:
-                self._fire_request("request.first_token", request)
-            reason = self._check_stop(request, token)
+            try:
+                request.append_token(token, now)
+                if request.num_output_tokens == 1:
+                    self._fire_request("request.first_token", request)
+                reason = self._check_stop(request, token)
+            except Exception as exc:  # one request's bad token text must not stop the rest
+                failure = failure or StepError(f"request {request.request_id!r}: {exc!r}")
+                failure.__cause__ = exc
+                self._end(request, FinishReason.ERROR, now, error=failure)
+                ended.append(request)
+                continue
             if reason is not None:
                 self._end(request, reason, now)
                 ended.append(request)
         self._end_step(duration, num_generated=len(sampled), num_finished=len(ended))
+        if failure is not None:
+            raise failure
         return ended
+
+    def _watch_progress(self, t0: float) -> None:
+        """Fail the stuck requests when empty steps stop changing anything."""
+        if not (self.state.waiting or self.state.running):
+            return
+        signature = (
+            len(self.state.waiting),
+            len(self.state.running),
+            self.allocator.num_free_blocks,
+            self._num_submitted,
+        )
+        if self._watch.is_stalled(signature):
+            error = StallError(self._watch.explain(self.state, self.scheduler))
+            self._watch.reset()
+            raise self._abort(t0, self._queued(), error, None)
 
     def _end_step(self, duration: float, *, num_generated: int, num_finished: int) -> None:
         if self.hook_manager.is_active("step.end"):
-            usage = self.allocator.usage()
-            self._fire_step(
-                "step.end",
-                {
-                    "duration": duration,
-                    "num_generated_tokens": num_generated,
-                    "num_finished": num_finished,
-                    "num_waiting": len(self.state.waiting),
-                    "num_running": len(self.state.running),
-                    "kv_used_slots": usage.num_used_slots,
-                    "kv_reserved_slots": usage.num_reserved_slots,
-                    "kv_fragmented_slots": usage.num_fragmented_slots,
-                    "kv_free_slots": usage.num_free_slots,
-                    "kv_utilization": usage.utilization,
-                },
-            )
+            data = {
+                "duration": duration,
+                "num_generated_tokens": num_generated,
+                "num_finished": num_finished,
+                "num_waiting": len(self.state.waiting),
+                "num_running": len(self.state.running),
+            }
+            try:
+                usage = self.allocator.usage()
+            except Exception as exc:  # a user allocator's accounting bug costs its columns only
+                warnings.warn(
+                    f"{type(self.allocator).__name__}.usage() raised {exc!r}", stacklevel=3
+                )
+            else:
+                data.update(
+                    kv_used_slots=usage.num_used_slots,
+                    kv_reserved_slots=usage.num_reserved_slots,
+                    kv_fragmented_slots=usage.num_fragmented_slots,
+                    kv_free_slots=usage.num_free_slots,
+                    kv_utilization=usage.utilization,
+                )
+            self._fire_step("step.end", data)
         self.num_steps += 1
         self._notify()
 
@@ -381,148 +492,59 @@ class Engine:
             return FinishReason.LENGTH
         return None
 
-    def _end(self, request: Request, reason: FinishReason, now: float) -> None:
-        """Move a request to its terminal state and give its blocks back."""
-        if request.state is RequestState.RUNNING:
+    def _end(
+        self,
+        request: Request,
+        reason: FinishReason,
+        now: float,
+        *,
+        error: EngineError | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Move a request to its terminal state, give its blocks back, forget it."""
+        if request.is_finished:
+            return
+        if request in self.state.running:
             self.state.running.remove(request)
         elif request in self.state.waiting:
             self.state.waiting.remove(request)
-        self.allocator.free(request)
-        request.finish(reason, now)
+        try:
+            self.allocator.free(request)
+        except Exception as exc:
+            warnings.warn(
+                f"{type(self.allocator).__name__}.free() raised {exc!r} for request "
+                f"{request.request_id!r}; its blocks may be lost",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if error is not None or message is not None:
+            request.fail(message or str(error), now, error)
+        else:
+            request.finish(reason, now)
         self._detokenizers.pop(id(request), None)
+        with self._lock:
+            self._active.pop(request.request_id, None)
+            if self.max_history:
+                self._history[request.request_id] = request
+                while len(self._history) > self.max_history:
+                    self._history.popitem(last=False)
         self._fire_request("request.finished", request)
 
     def _notify(self) -> None:
         with self._progress:
             self._progress.notify_all()
 
-    # -- driving -------------------------------------------------------------------------
-    def run_until_done(self, *, max_steps: int | None = None) -> None:
-        """Step until every submitted request has ended (or `max_steps` steps ran)."""
-        steps = 0
-        while self.has_unfinished and (max_steps is None or steps < max_steps):
-            self.step()
-            steps += 1
-
-    def _wait(self, requests: Sequence[Request]) -> None:
-        if self._background is None:
-            while not all(r.is_finished for r in requests):
-                self.step()
-            return
-        with self._progress:
-            self._progress.wait_for(lambda: all(r.is_finished for r in requests))
-
-    def generate(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        chat: bool = False,
-    ) -> list[Result]:
-        """Submit every prompt, run them to completion, return results in prompt order."""
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a list of prompts, got a single str")
-        if params is None or isinstance(params, SamplingParams):
-            params_list = [params] * len(prompts)
-        else:
-            params_list = list(params)
-            if len(params_list) != len(prompts):
-                raise ValueError(
-                    f"params must be one SamplingParams or one per prompt ({len(prompts)}), "
-                    f"got {len(params_list)}"
-                )
-        # Check every prompt before queueing any, so a bad one leaves nothing half-submitted.
-        encoded = [self._encode(p, chat) for p in prompts]
-        for i, ((ids, _), sp) in enumerate(zip(encoded, params_list, strict=True)):
-            if not ids:
-                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
-            if sp is not None and not isinstance(sp, SamplingParams):
-                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(sp).__name__}")
-        requests = [
-            self._submit(ids, sp, text)
-            for (ids, text), sp in zip(encoded, params_list, strict=True)
-        ]
-        self._wait(requests)
-        return [self.result(r) for r in requests]
-
-    def result(self, request: Request) -> Result:
-        """The caller's view of a request (final once it has ended)."""
-        return Result(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            text=request.text,
-            token_ids=list(request.output_token_ids),
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
-            error=request.error,
-            metrics={
-                **request_metrics(request),
-                "num_prompt_tokens": request.num_prompt_tokens,
-                "num_output_tokens": request.num_output_tokens,
-                "num_preemptions": request.num_preemptions,
-            },
-        )
-
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        chat: bool = False,
-    ) -> Iterator[str]:
-        """Yield text deltas as they are produced; closing the generator cancels the request."""
-        request = self.submit(prompt, params, chat=chat)
-        sent = 0
-        try:
-            while True:
-                if self._background is None:
-                    if not request.is_finished:
-                        self.step()
-                else:
-                    with self._progress:
-                        self._progress.wait_for(
-                            lambda n=sent: request.is_finished or len(request.text) > n,
-                            timeout=1.0,
-                        )
-                text = request.text
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
-                if request.is_finished and sent >= len(request.text):
-                    return
-        finally:
-            if not request.is_finished:
-                self.cancel(request)
-                if self._background is None:
-                    self.step()
-
-    def start(self) -> None:
-        """Run the step loop in a background thread (submit from anywhere meanwhile)."""
-        if self._background is not None:
-            return
-        self._stop_background.clear()
-
-        def loop() -> None:
-            while not self._stop_background.is_set():
-                if self.has_unfinished or self._cancels:
-                    self.step()
-                else:
-                    time.sleep(0.002)
-
-        self._background = threading.Thread(target=loop, name="cortexlab-engine", daemon=True)
-        self._background.start()
-
-    def stop(self) -> None:
-        """Stop the background loop (requests in flight stay where they are)."""
-        if self._background is None:
-            return
-        self._stop_background.set()
-        self._background.join()
-        self._background = None
-
     # -- introspection -------------------------------------------------------------------
     def get_request(self, request_id: str | int) -> Request:
-        """The request submitted under `request_id`."""
-        return self._requests[request_id]
+        """The request submitted under `request_id` (unfinished, or among the last
+        `max_history` that ended)."""
+        request = self._active.get(request_id) or self._history.get(request_id)
+        if request is None:
+            raise KeyError(
+                f"request_id {request_id!r} is unknown or no longer kept (the engine keeps "
+                f"the last max_history={self.max_history} finished requests)"
+            )
+        return request
 
     def __repr__(self) -> str:
         return (
@@ -530,3 +552,17 @@ class Engine:
             f"allocator={type(self.allocator).__name__}, blocks={self.allocator.num_blocks}"
             f"x{self.allocator.block_size})"
         )
+
+
+def _batch_data(batch: Batch) -> dict:
+    """The `step.batch` event's numbers."""
+    return {
+        "num_seqs": batch.num_seqs,
+        "num_prefill_seqs": batch.num_prefill_seqs,
+        "num_decode_seqs": batch.num_decode_seqs,
+        "num_prefill_tokens": batch.num_prefill_tokens,
+        "num_batched_tokens": batch.num_batched_tokens,
+        "num_preempted": len(batch.preempted),
+        "request_ids": [s.request.request_id for s in batch.scheduled],
+        "num_new_tokens": [s.num_new_tokens for s in batch.scheduled],
+    }

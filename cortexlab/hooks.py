@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections import defaultdict
+import warnings
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,15 +51,27 @@ def _resolve(pattern: str) -> list[str]:
     return names
 
 
+def _hook_name(fn: Hook) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
 class HookManager:
-    """Registered callbacks per hook point."""
+    """Registered callbacks per hook point.
+
+    Hooks are user code and must never break a step: a hook that raises is reported once
+    (a RuntimeWarning naming the hook, the point and the exception), recorded in
+    `errors`, and removed from every point; the step and every request go on.
+    """
 
     def __init__(self) -> None:
         self._hooks: dict[str, list[Hook]] = defaultdict(list)
+        self.errors: deque[tuple[str, str, BaseException]] = deque(maxlen=100)
 
     def add(self, pattern: str | Iterable[str], fn: Hook) -> Callable[[], None]:
         """Call `fn(event)` at every point matching `pattern` (name, glob or list); returns an
         undo function."""
+        if not callable(fn):
+            raise TypeError(f"hook for {pattern!r} must be callable fn(event), got {fn!r}")
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         names = [n for p in patterns for n in _resolve(p)]
         for n in names:
@@ -74,6 +87,15 @@ class HookManager:
     @contextmanager
     def scoped(self, hooks: Mapping[str, Hook]) -> Iterator[None]:
         """Hooks active only inside the `with` block."""
+        if not isinstance(hooks, Mapping):
+            raise TypeError(
+                f"hooks must be a mapping of hook point -> fn(event), got {type(hooks).__name__}"
+            )
+        for p, fn in hooks.items():  # check everything before adding anything
+            for pattern in [p] if isinstance(p, str) else p:
+                _resolve(pattern)
+            if not callable(fn):
+                raise TypeError(f"hook for {p!r} must be callable fn(event), got {fn!r}")
         undo = [self.add(p, fn) for p, fn in hooks.items()]
         try:
             yield
@@ -86,6 +108,21 @@ class HookManager:
         return bool(self._hooks.get(name))
 
     def fire(self, name: str, event: Any) -> None:
-        """Call every hook at `name` with `event`."""
+        """Call every hook at `name` with `event`; a hook that raises is reported and removed."""
         for fn in list(self._hooks.get(name, ())):
-            fn(event)
+            try:
+                fn(event)
+            except Exception as exc:
+                self._drop(name, fn, exc)
+
+    def _drop(self, name: str, fn: Hook, exc: Exception) -> None:
+        for hooks in self._hooks.values():
+            while fn in hooks:
+                hooks.remove(fn)
+        self.errors.append((name, _hook_name(fn), exc))
+        warnings.warn(
+            f"hook {_hook_name(fn)} at {name!r} raised {type(exc).__name__}: {exc}; "
+            f"it has been removed",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -181,6 +181,40 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def check_token_ids(token_ids: object, vocab_size: int | None = None) -> list[int]:
+    """`token_ids` as a list of Python ints, or ValueError naming the first bad one.
+
+    Accepts a list, tuple, range or 1-D numpy array of ints (numpy ints too); floats, bools,
+    strings, bytes, nested lists and None are rejected rather than coerced.
+    """
+    if isinstance(token_ids, str | bytes | bytearray) or not (
+        isinstance(token_ids, Sequence) or hasattr(token_ids, "__array__")
+    ):
+        raise ValueError(
+            f"prompt must be a str or a sequence of int token ids, got {type(token_ids).__name__}"
+        )
+    ids = list(token_ids)
+    # Fast path for the common case: a list of plain ints.
+    if not all(type(t) is int for t in ids):
+        for i, t in enumerate(ids):
+            if not _is_int(t):
+                raise ValueError(
+                    f"prompt token ids must be ints, got {type(t).__name__} {t!r} at position {i}"
+                )
+        ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("prompt must contain at least one token")
+    low, high = min(ids), max(ids)
+    if low < 0:
+        raise ValueError(f"prompt token ids must be >= 0, got {low} at position {ids.index(low)}")
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(
+            f"prompt token id {high} at position {ids.index(high)} is outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
+    return ids
+
+
 class Request:
     """Everything about one request: params, tokens, cache bookkeeping, timings, state.
 
@@ -209,8 +243,10 @@ class Request:
         "finish_time",
         "finish_reason",
         "error",
+        "exception",
         "text",
         "seed",
+        "__weakref__",
     )
 
     def __init__(
@@ -225,11 +261,7 @@ class Request:
         """Build a WAITING request; `arrival_time` defaults to ``time.perf_counter()``."""
         if not (isinstance(request_id, str) or _is_int(request_id)):
             raise ValueError(f"Request.request_id must be a str or int, got {request_id!r}")
-        token_ids = [int(t) for t in prompt_token_ids]
-        if not token_ids:
-            raise ValueError("prompt must contain at least one token")
-        if min(token_ids) < 0:
-            raise ValueError(f"prompt token ids must be >= 0, got {min(token_ids)}")
+        token_ids = check_token_ids(prompt_token_ids)
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"Request.params must be a SamplingParams, got {params!r}")
@@ -249,6 +281,8 @@ class Request:
         self.finish_time: float | None = None
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
+        # The step error that failed this request (waiting callers re-raise it).
+        self.exception: BaseException | None = None
         self.text = ""
         # Drawn from Python's `random` so that cortexlab.seed(n) makes unseeded runs repeatable.
         self.seed: int = params.seed if params.seed is not None else random.getrandbits(63)
@@ -324,10 +358,11 @@ class Request:
         self.finish_time = now
         self.finish_reason = reason
 
-    def fail(self, message: str, now: float) -> None:
-        """End the request as FAILED with an error message."""
+    def fail(self, message: str, now: float, exception: BaseException | None = None) -> None:
+        """End the request as FAILED with an error message (and the step error, if any)."""
         self.finish(FinishReason.ERROR, now)
         self.error = message
+        self.exception = exception
 
     # -- display ------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -121,6 +121,7 @@ class Runner:
         """Logits [R, V] for the rows with `needs_logits`, in their order. Lazy: no eval."""
         if not rows:
             raise ValueError("rows must not be empty")
+        self.arena.ensure(max((max(r.block_table) for r in rows if r.block_table), default=0))
         parts, order = [], []
         for wave in split_waves(rows):
             pieces = [piece for _, piece in wave]

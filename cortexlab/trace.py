@@ -28,12 +28,37 @@ def request_metrics(request) -> dict:
     }
 
 
+def request_row(request) -> dict:
+    """A request's reported values now (a plain dict: keeps no reference to the request)."""
+    return {
+        "request_id": request.request_id,
+        "state": request.state.value,
+        "finish_reason": request.finish_reason.value if request.finish_reason else None,
+        "num_prompt_tokens": request.num_prompt_tokens,
+        "num_output_tokens": request.num_output_tokens,
+        "num_preemptions": request.num_preemptions,
+        "tenant": request.params.tenant,
+        "priority": request.params.priority,
+        "arrival_time": request.arrival_time,
+        "first_scheduled_time": request.first_scheduled_time,
+        "first_token_time": request.first_token_time,
+        "finish_time": request.finish_time,
+        **request_metrics(request),
+        "error": request.error,
+    }
+
+
 class Trace:
-    """Records engine events; `.steps` and `.requests` give them as DataFrames."""
+    """Records engine events; `.steps` and `.requests` give them as DataFrames.
+
+    It keeps the values it reports, never the `Request` objects, so a finished request is
+    freed once the engine lets go of it.
+    """
 
     def __init__(self) -> None:
         self._steps: dict[int, dict] = {}
         self._requests: dict = {}
+        self._token_times: dict = {}
         self.events: list = []
 
     @property
@@ -50,40 +75,21 @@ class Trace:
         row.update(event.data)
 
     def _on_request(self, event: RequestEvent) -> None:
-        self.events.append((event.time, event.step, event.name, event.request.request_id))
-        # Keep the request object: its final fields are read when the table is built.
-        self._requests[event.request.request_id] = event.request
+        request = event.request
+        self.events.append((event.time, event.step, event.name, request.request_id))
+        self._requests[request.request_id] = request_row(request)
+        if event.name == "request.finished":
+            self._token_times[request.request_id] = tuple(request.token_times)
 
     @property
     def steps(self) -> pd.DataFrame:
-        """One row per engine step: batch composition, tokens, KV usage, duration."""
-        df = pd.DataFrame(list(self._steps.values()))
-        if not df.empty and {"start", "end"} <= set(df.columns):
-            df["duration"] = df["end"] - df["start"]
-        return df
+        """One row per engine step: batch composition, tokens, KV usage, measured duration."""
+        return pd.DataFrame(list(self._steps.values()))
 
     @property
     def requests(self) -> pd.DataFrame:
-        """One row per request: lengths, timestamps, latencies, outcome."""
-        rows = []
-        for r in self._requests.values():
-            rows.append(
-                {
-                    "request_id": r.request_id,
-                    "state": r.state.value,
-                    "finish_reason": r.finish_reason.value if r.finish_reason else None,
-                    "num_prompt_tokens": r.num_prompt_tokens,
-                    "num_output_tokens": r.num_output_tokens,
-                    "num_preemptions": r.num_preemptions,
-                    "arrival_time": r.arrival_time,
-                    "first_scheduled_time": r.first_scheduled_time,
-                    "first_token_time": r.first_token_time,
-                    "finish_time": r.finish_time,
-                    **request_metrics(r),
-                    "error": r.error,
-                }
-            )
-        return pd.DataFrame(rows)
+        """One row per request: lengths, timestamps, latencies, outcome (as last seen)."""
+        return pd.DataFrame(list(self._requests.values()))
 
     @property
     def request_events(self) -> pd.DataFrame:

@@ -23,8 +23,13 @@ class KVArena:
     i.e. `[(num_blocks + 1) * num_kv_heads * block_size, head_dim]`. Gathering a sequence's
     blocks then copies `block_size * head_dim` contiguous values per (block, head) and lands
     directly in the `[B, H, K, D]` order attention wants, with no transpose copy (MLX's CPU
-    attention is ~7x slower on transposed K/V). Block `num_blocks` is scratch: padding writes
-    go there and padded reads come from there, always masked out.
+    attention is ~7x slower on transposed K/V).
+
+    Memory is sized from use: the arrays hold `capacity` blocks (starting at
+    `initial_blocks`) and double, up to `num_blocks`, when a block id at or above the
+    capacity is about to be used, so an idle engine does not hold its whole budget. The
+    block after the last real one (`scratch_block`) is scratch: padding writes go there and
+    padded reads come from there, always masked out.
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class KVArena:
         num_kv_heads: int,
         head_dim: int,
         dtype: mx.Dtype = mx.float32,
+        initial_blocks: int = 64,
     ) -> None:
         self.num_layers = num_layers
         self.num_blocks = num_blocks
@@ -44,15 +50,35 @@ class KVArena:
         self.head_dim = head_dim
         self.dtype = dtype
         self.num_slots = num_blocks * block_size
-        self.scratch_block = num_blocks
-        shape = ((num_blocks + 1) * num_kv_heads * block_size, head_dim)
+        self.capacity = min(num_blocks, max(1, initial_blocks))
+        shape = ((self.capacity + 1) * num_kv_heads * block_size, head_dim)
         self.keys = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         self.values = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         mx.eval(self.keys, self.values)
 
     @property
+    def scratch_block(self) -> int:
+        """Physical index of the scratch block (just past the real ones held now)."""
+        return self.capacity
+
+    def ensure(self, max_block_id: int) -> None:
+        """Grow the arrays so that block `max_block_id` exists (doubling, up to num_blocks)."""
+        if max_block_id < self.capacity:
+            return
+        if not 0 <= max_block_id < self.num_blocks:
+            raise IndexError(f"block id {max_block_id} is outside the arena [0, {self.num_blocks})")
+        new_capacity = min(self.num_blocks, max(2 * self.capacity, max_block_id + 1))
+        # The old scratch block becomes a real one: blocks are always written before read.
+        extra = (new_capacity - self.capacity) * self.num_kv_heads * self.block_size
+        pad = mx.zeros((extra, self.head_dim), self.dtype)
+        self.keys = [mx.concatenate([k, pad]) for k in self.keys]
+        self.values = [mx.concatenate([v, pad]) for v in self.values]
+        mx.eval(self.keys, self.values)
+        self.capacity = new_capacity
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by all K and V arrays (including the scratch block)."""
+        """Bytes held now by all K and V arrays (including the scratch block)."""
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
     @property
@@ -60,8 +86,18 @@ class KVArena:
         """Every K and V array (to evaluate alongside a step's outputs)."""
         return self.keys + self.values
 
+    def _check(self, blocks: np.ndarray) -> None:
+        # An id past the arrays would make MLX read or write out of bounds (memory
+        # corruption, not an exception), so this is checked even with the policy guard off.
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.capacity):
+            bad = blocks[(blocks < 0) | (blocks >= self.capacity)][0]
+            raise IndexError(
+                f"block id {int(bad)} is outside the arena's {self.capacity} allocated blocks"
+            )
+
     def rows_of(self, blocks: np.ndarray, within: np.ndarray) -> np.ndarray:
         """Arena rows `[N, H]` of N token slots given as (block id, offset within block)."""
+        self._check(blocks)
         heads = np.arange(self.num_kv_heads)
         base = (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size
         return base + within[:, None]
@@ -78,6 +114,7 @@ class KVArena:
         for i, t in enumerate(block_tables):
             n = min(len(t), num_blocks)
             table[i, :n] = t[:n]
+            self._check(table[i, :n])
         heads = np.arange(self.num_kv_heads)
         return table[:, None, :] * self.num_kv_heads + heads[None, :, None]
 

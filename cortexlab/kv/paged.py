@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from cortexlab.kv import register
 from cortexlab.kv.base import BlockAllocator
@@ -14,9 +14,9 @@ class PagedAllocator(BlockAllocator):
 
     def __init__(self, *, num_blocks: int, block_size: int) -> None:
         super().__init__(num_blocks=num_blocks, block_size=block_size)
-        # FIFO: freed blocks go to the back, so recently freed ones are reused last
-        # (keeps their contents around longer for a future prefix cache).
-        self._free: deque[int] = deque(range(self.num_blocks))
+        # A min-heap: the lowest free id goes first, so the arena (which grows with the
+        # highest id in use) stays as small as the peak number of blocks held.
+        self._free: list[int] = list(range(self.num_blocks))
 
     @property
     def num_free_blocks(self) -> int:
@@ -32,7 +32,8 @@ class PagedAllocator(BlockAllocator):
         return num_blocks <= len(self._free)
 
     def _take(self, num_blocks: int) -> list[int]:
-        return [self._free.popleft() for _ in range(num_blocks)]
+        return [heapq.heappop(self._free) for _ in range(num_blocks)]
 
     def _release(self, block_ids: list[int]) -> None:
-        self._free.extend(block_ids)
+        for b in block_ids:
+            heapq.heappush(self._free, b)

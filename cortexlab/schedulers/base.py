@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -21,8 +22,13 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            # int32 token and row indices bound what one step can hold.
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+                raise ValueError(f"{name} must be an int in [1, 2**31), got {value!r}")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(
+                f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}"
+            )
 
 
 @dataclass(slots=True)
@@ -101,6 +107,23 @@ class Scheduler(Protocol):
         ...
 
 
+class FunctionScheduler:
+    """A plain function `schedule(state) -> Batch` used as a scheduler."""
+
+    def __init__(self, fn: Callable[[SchedulerState], Batch], name: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"a function scheduler must be callable, got {fn!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def schedule(self, state: SchedulerState) -> Batch:
+        """Call the wrapped function."""
+        return self.fn(state)
+
+    def __repr__(self) -> str:
+        return f"FunctionScheduler({self.name})"
+
+
 class BaseScheduler:
     """Shared moves: admit a waiting request, grow a running one, preempt (recompute)."""
 
@@ -146,8 +169,14 @@ class BaseScheduler:
         return True
 
     def chunk(self, state: SchedulerState, request: Request, budget: int) -> int:
-        """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step)."""
+        """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step).
+
+        With chunked prefill off a prompt runs whole or not at all; recomputing a preempted
+        request's prompt + output is chunked regardless, since it may exceed any budget.
+        """
         n = request.num_uncomputed_tokens
         if n <= budget:
             return n
-        return budget if state.config.enable_chunked_prefill else 0
+        if state.config.enable_chunked_prefill or request.num_output_tokens > 0:
+            return budget
+        return 0

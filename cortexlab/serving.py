@@ -1,0 +1,238 @@
+"""Driving the step loop: run to completion, `generate`, `stream`, and the background thread.
+
+`Engine` inherits these; they only call `step()` and read request state, so every failure
+path (policy errors, stalls, forward errors) is the step's, and here callers just wait for
+their requests to end and raise the error that ended them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from cortexlab.guard import EngineError
+from cortexlab.request import Request, SamplingParams
+from cortexlab.trace import request_metrics
+
+import mlx.core as mx
+
+
+@dataclass(slots=True)
+class Result:
+    """A finished request as the caller sees it."""
+
+    request_id: str | int
+    prompt: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return (
+            f"<b>{html.escape(str(self.request_id))}</b> "
+            f"[{self.finish_reason}, {len(self.token_ids)} tokens]: "
+            f"<pre>{html.escape(self.text)}</pre>"
+        )
+
+
+# Engines with a running background loop, stopped at interpreter exit: MLX aborts the
+# process ("terminate called without an active exception") when a thread that used it is
+# still alive or still owns streams at teardown (ml-explore/mlx#3126).
+_started: weakref.WeakSet = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _shutdown() -> None:
+    """At interpreter exit: stop every background loop, then drop the main thread's streams."""
+    for engine in list(_started):
+        engine.stop()
+    mx.clear_streams()
+
+
+class Serving:
+    """The ways to drive an engine's `step()`: foreground loops and a background thread."""
+
+    def run_until_done(self, *, max_steps: int | None = None) -> None:
+        """Step until every submitted request has ended (or `max_steps` steps ran).
+
+        A step error fails the requests it hit and the run goes on; the first such error
+        is raised at the end.
+        """
+        steps, first_error = 0, None
+        while self.has_unfinished and (max_steps is None or steps < max_steps):
+            try:
+                self.step()
+            except EngineError as error:
+                first_error = first_error or error
+            steps += 1
+        if first_error is not None:
+            raise first_error
+
+    def _is_background_running(self) -> bool:
+        thread = self._background
+        return thread is not None and thread.is_alive()
+
+    def _wait(self, requests: Sequence[Request]) -> None:
+        """Until every request ended (stepping here unless the background loop runs); then
+        raise the step error that failed one of them, if any."""
+        while not all(r.is_finished for r in requests):
+            if self._is_background_running():
+                with self._progress:
+                    self._progress.wait_for(
+                        lambda: all(r.is_finished for r in requests), timeout=0.1
+                    )
+            else:
+                try:
+                    self.step()
+                except EngineError:
+                    pass  # recorded on the requests it failed; raised below if ours
+        for r in requests:
+            if r.exception is not None:
+                raise r.exception
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+    ) -> list[Result]:
+        """Submit every prompt, run them to completion, return results in prompt order.
+
+        A request that can never run comes back with `error` set; if a step error (a
+        broken policy, a failing forward pass) failed one of them, it is raised.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of prompts, got a single str")
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params] * len(prompts)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"params must be one SamplingParams or one per prompt ({len(prompts)}), "
+                    f"got {len(params_list)}"
+                )
+        # Check every prompt before queueing any, so a bad one leaves nothing half-submitted.
+        encoded = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                encoded.append(self._encode(prompt, chat))
+            except ValueError as exc:
+                raise ValueError(f"prompts[{i}]: {exc}") from None
+            if sp is not None and not isinstance(sp, SamplingParams):
+                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(sp).__name__}")
+        requests = [
+            self._submit(ids, sp, text)
+            for (ids, text), sp in zip(encoded, params_list, strict=True)
+        ]
+        self._wait(requests)
+        return [self.result(r) for r in requests]
+
+    def result(self, request: Request) -> Result:
+        """The caller's view of a request (final once it has ended)."""
+        return Result(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            text=request.text,
+            token_ids=list(request.output_token_ids),
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            error=request.error,
+            metrics={
+                **request_metrics(request),
+                "num_prompt_tokens": request.num_prompt_tokens,
+                "num_output_tokens": request.num_output_tokens,
+                "num_preemptions": request.num_preemptions,
+            },
+        )
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """Yield text deltas as they are produced; closing the generator cancels the request."""
+        request = self.submit(prompt, params, chat=chat)
+        sent = 0
+        try:
+            while True:
+                if not self._is_background_running():
+                    if not request.is_finished:
+                        try:
+                            self.step()
+                        except EngineError:
+                            pass  # raised below if it failed this request
+                else:
+                    with self._progress:
+                        self._progress.wait_for(
+                            lambda n=sent: request.is_finished or len(request.text) > n,
+                            timeout=0.1,
+                        )
+                text = request.text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                if request.is_finished and sent >= len(request.text):
+                    if request.exception is not None:
+                        raise request.exception
+                    return
+        finally:
+            if not request.is_finished:
+                self.cancel(request)
+                if not self._is_background_running():
+                    try:
+                        self.step()
+                    except EngineError:
+                        pass
+
+    def start(self) -> None:
+        """Run the step loop in a background thread (submit from anywhere meanwhile)."""
+        global _atexit_registered
+        if self._is_background_running():
+            return
+        self._stop_background.clear()
+        self._background = threading.Thread(target=self._loop, name="cortexlab-engine", daemon=True)
+        _started.add(self)
+        if not _atexit_registered:
+            atexit.register(_shutdown)
+            _atexit_registered = True
+        self._background.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop_background.is_set():
+                if not (self.has_unfinished or self._cancels):
+                    time.sleep(0.002)
+                    continue
+                try:
+                    self.step()
+                except EngineError:
+                    pass  # the failed requests carry it; their callers raise it
+                except Exception as exc:  # never let the loop die silently
+                    warnings.warn(f"cortexlab engine loop: {exc!r}", RuntimeWarning, stacklevel=1)
+        finally:
+            # MLX's maintainers' pattern: a thread that used MLX drops its streams before it
+            # ends, or interpreter exit can abort (ml-explore/mlx#3126).
+            mx.clear_streams()
+
+    def stop(self) -> None:
+        """Stop the background loop (requests in flight stay where they are)."""
+        thread = self._background
+        if thread is None:
+            return
+        self._stop_background.set()
+        if thread is not threading.current_thread():  # a hook may call stop() from the loop
+            thread.join()
+        self._background = None
+        _started.discard(self)
