@@ -9,6 +9,7 @@ from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
+from cortexlab import workloads
 
 __all__ = [
     "HOOK_POINTS",
@@ -31,5 +32,6 @@ __all__ = [
     "sampling",
     "schedulers",
     "seed",
+    "workloads",
 ]
 __version__ = "0.1.0"
