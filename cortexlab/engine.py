@@ -565,4 +565,6 @@ def _batch_data(batch: Batch) -> dict:
         "num_preempted": len(batch.preempted),
         "request_ids": [s.request.request_id for s in batch.scheduled],
         "num_new_tokens": [s.num_new_tokens for s in batch.scheduled],
+        "is_prefill": [s.request.is_prefill for s in batch.scheduled],
+        "preempted_ids": [r.request_id for r in batch.preempted],
     }
