@@ -9,10 +9,12 @@ from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
-from cortexlab import workloads
+from cortexlab import metrics, workloads
+from cortexlab.experiment import Comparison, compare, run_workload, sweep
 
 __all__ = [
     "HOOK_POINTS",
+    "Comparison",
     "Engine",
     "EngineError",
     "FinishReason",
@@ -25,13 +27,17 @@ __all__ = [
     "StallError",
     "StepError",
     "Trace",
+    "compare",
     "info",
     "guard",
     "kv",
     "load_model",
+    "metrics",
+    "run_workload",
     "sampling",
     "schedulers",
     "seed",
+    "sweep",
     "workloads",
 ]
 __version__ = "0.1.0"

@@ -1,10 +1,19 @@
-"""The `cortexlab` command: `info` and `generate`."""
+"""The `cortexlab` command: `info`, `generate` and `compare` (the main job)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+
+class UsageError(Exception):
+    """A bad argument: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -15,27 +24,54 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(name: str | None):
+    import cortexlab as cl
+
+    try:
+        return cl.load_model(name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"cortexlab: --model: {exc}") from None
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+    }
+
+
 def _generate(args: argparse.Namespace) -> int:
     import cortexlab as cl
 
+    if any(not p.strip() for p in args.prompts):
+        raise UsageError("cortexlab generate: a PROMPT is empty")
     cl.seed(args.seed)
-    model = cl.load_model(args.model)
-    engine = cl.Engine(model)
     try:
         params = cl.SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
         )
     except ValueError as exc:
-        print(f"cortexlab generate: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cortexlab generate: {exc}") from None
+    model = _load_model(args.model)
+    try:
+        engine = cl.Engine(
+            model, scheduler=args.scheduler, allocator=args.allocator, **_engine_kwargs(args)
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cortexlab generate: {exc}") from None
     total_tokens, t0 = 0, time.perf_counter()
-    for i, prompt in enumerate(args.prompts):
+    for prompt in args.prompts:
         if len(args.prompts) > 1:
             print(f"\n>>> {prompt}", flush=True)
         before = engine.num_steps
-        for delta in engine.stream(prompt, params, chat=args.chat):
+        request = engine.submit(prompt, params, chat=args.chat)
+        for delta in engine.stream(request):
             print(delta, end="", flush=True)
-        request = engine.get_request(i)
         print(flush=True)
         if request.error:
             print(f"cortexlab generate: request failed: {request.error}", file=sys.stderr)
@@ -51,35 +87,89 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from cortexlab.study import CompareOptions, run_compare
+
+    try:
+        options = CompareOptions.from_args(args)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cortexlab compare: {exc}") from None
+    model = _load_model(args.model)
+    return run_compare(model, options)
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser, *, max_num_seqs: int) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a local mlx-lm model folder, or 'tiny-random' "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="KV block size (default: 16)")
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=max_num_seqs,
+        help=f"most requests running at once (default: {max_num_seqs})",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step (default: 2048)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for the `cortexlab` command."""
-    parser = argparse.ArgumentParser(prog="cortexlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from cortexlab import __version__
+
+    parser = _Parser(prog="cortexlab", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cortexlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, device, BLAS in effect, measured matmul GFLOP/s")
+
     gen = sub.add_parser("generate", help="stream completions for one or more prompts")
-    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default: 0.0)"
+    )
+    gen.add_argument("--top-k", type=int, default=0, help="0 disables (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: 1.0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="wrap each prompt in the model's chat template (default: on)",
     )
-    gen.add_argument(
-        "--model",
-        default=None,
-        help="a .gguf file, a local mlx-lm model folder, or 'tiny-random' "
-        "(default: the embedded SmolLM2-135M-Instruct)",
+    gen.add_argument("--scheduler", default="fcfs", help="scheduler name (default: fcfs)")
+    gen.add_argument("--allocator", default="paged", help="KV allocator name (default: paged)")
+    _add_engine_flags(gen, max_num_seqs=32)
+
+    from cortexlab.study import add_compare_flags
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare schedulers on a workload; write results/<name>/ (the main job)",
+        description="Run one workload through each scheduler on the real model (measured "
+        "clock: idle gaps are skipped) and at several loads; write summary.csv, traces, "
+        "figures and report.html under OUT/NAME.",
     )
+    add_compare_flags(cmp)
+    _add_engine_flags(cmp, max_num_seqs=8)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cortexlab` command."""
-    args = build_parser().parse_args(argv)
-    return {"info": _info, "generate": _generate}[args.command](args)
+    try:
+        args = build_parser().parse_args(argv)
+        return {"info": _info, "generate": _generate, "compare": _compare}[args.command](args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

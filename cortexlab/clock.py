@@ -27,6 +27,11 @@ class Clock:
             return time.perf_counter() - self._start
         return self._measured
 
+    def jump(self, seconds: float) -> None:
+        """Skip idle time (measured clock only): nothing runs while it passes."""
+        if self.kind == "measured" and seconds > 0:
+            self._measured += seconds
+
     def advance(self, seconds: float) -> None:
         """Add a step's measured duration (no-op for the wall clock)."""
         if self.kind == "measured":

@@ -8,6 +8,9 @@ the hook points along the way.
 
 from __future__ import annotations
 
+import heapq
+import math
+import numbers
 import threading
 import time
 import warnings
@@ -144,6 +147,9 @@ class Engine(Serving):
         self._reserved_ids: set[int] = set()  # explicit int ids the counter must skip
         self._detokenizers: dict[int, Any] = {}
         self._incoming: deque[Request] = deque()
+        # Future arrivals as a heap of (arrival_time, sequence number, request).
+        self._pending: list[tuple[float, int, Request]] = []
+        self._admitted: dict[int, Request] = {}  # by id(): seen by the scheduler, not ended
         self._cancels: set[int] = set()
         self._num_submitted = 0
         self._watch = ProgressWatch(timeout=float(stall_timeout))
@@ -184,15 +190,18 @@ class Engine(Serving):
         *,
         chat: bool = False,
         request_id: str | int | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
         """Queue a prompt (text or token ids); thread-safe.
 
-        Bad input (token ids that are not ints in the vocabulary, a taken request id)
-        raises; a request that can never run under this configuration comes back FAILED
-        with the reason in `.error`.
+        `arrival_time` (engine-clock seconds, default now) lets a workload's request enter
+        later: until then the scheduler does not see it, and an engine with nothing else to
+        do jumps to it (`measured` clock) or sleeps until it (`wall`). Bad input (token ids
+        that are not ints in the vocabulary, a taken request id) raises; a request that can
+        never run under this configuration comes back FAILED with the reason in `.error`.
         """
         token_ids, text = self._encode(prompt, chat)
-        return self._submit(token_ids, params, text, request_id)
+        return self._submit(token_ids, params, text, request_id, arrival_time)
 
     def _encode(self, prompt: str | Sequence[int], chat: bool) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
@@ -224,18 +233,27 @@ class Engine(Serving):
         params: SamplingParams | None,
         text: str | None,
         request_id: str | int | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if arrival_time is not None and (
+            isinstance(arrival_time, bool)
+            or not isinstance(arrival_time, numbers.Real)
+            or not 0 <= arrival_time < math.inf
+        ):
+            raise ValueError(f"arrival_time must be a finite float >= 0, got {arrival_time!r}")
         with self._lock:
             request_id = self._claim_id(request_id)
-            request = Request(
-                request_id, token_ids, params, prompt=text, arrival_time=self.clock.now()
-            )
+            now = self.clock.now()
+            arrival = now if arrival_time is None else max(float(arrival_time), now)
+            request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival)
             reason = self._why_impossible(request)
             self._active[request_id] = request
             self._num_submitted += 1
-            if reason is None:
+            if reason is None and arrival > now:
+                heapq.heappush(self._pending, (arrival, self._num_submitted, request))
+            elif reason is None:
                 self._incoming.append(request)
         if reason is not None:
             with self._step_lock:
@@ -277,11 +295,30 @@ class Engine(Serving):
         with self._lock:
             self._cancels.add(id(request))
 
+    def _wait_for_arrival(self) -> None:
+        """With nothing to do but future arrivals: jump (measured) or sleep (wall) to the next."""
+        if self._incoming or self.state.waiting or self.state.running or not self._pending:
+            return
+        gap = self._pending[0][0] - self.clock.now()
+        if gap > 0 and self.clock.kind == "measured":
+            self.clock.jump(gap)
+        elif gap > 0:
+            # Bounded, so a background loop still notices stop() and new submissions.
+            time.sleep(min(gap, 0.05))
+
     def _admit_arrivals(self) -> None:
+        self._wait_for_arrival()
+        now = self.clock.now()
         with self._lock:
             arrivals, self._incoming = list(self._incoming), deque()
+            while self._pending and self._pending[0][0] <= now:
+                arrivals.append(heapq.heappop(self._pending)[2])
             cancels, self._cancels = self._cancels, set()
-        now = self.clock.now()
+            if cancels and self._pending:
+                kept = [p for p in self._pending if id(p[2]) not in cancels]
+                arrivals += [p[2] for p in self._pending if id(p[2]) in cancels]
+                self._pending = kept
+                heapq.heapify(self._pending)
         for request in arrivals:
             self._fire_request("request.arrived", request)
             try:
@@ -289,6 +326,7 @@ class Engine(Serving):
             except Exception as exc:
                 self._end(request, FinishReason.ERROR, now, message=f"detokenizer: {exc!r}")
                 continue
+            self._admitted[id(request)] = request
             self.state.waiting.append(request)
         if cancels:
             for request in [*self.state.waiting, *self.state.running]:
@@ -299,7 +337,7 @@ class Engine(Serving):
     @property
     def has_unfinished(self) -> bool:
         """True while any request is queued, waiting or running."""
-        return bool(self._incoming or self.state.waiting or self.state.running)
+        return bool(self._incoming or self._pending or self.state.waiting or self.state.running)
 
     def step(self) -> list[Request]:
         """Run one scheduling + forward + sampling step; returns requests that ended in it.
@@ -315,7 +353,7 @@ class Engine(Serving):
                 raise
             except Exception as exc:  # a bug outside every guarded phase: never hang on it
                 error = StepError(f"step {self.num_steps} failed: {type(exc).__name__}: {exc}")
-                raise self._abort(t0, list(self._active.values()), error, exc) from exc
+                raise self._abort(t0, self._queued(), error, exc) from exc
 
     def _abort(
         self, t0: float, requests: list[Request], error: EngineError, cause: BaseException | None
@@ -324,7 +362,7 @@ class Engine(Serving):
         error.__cause__ = cause
         now = self.clock.now()
         for request in requests:
-            if not request.is_finished and request not in self._incoming:
+            if not request.is_finished:
                 self._end(request, FinishReason.ERROR, now, error=error)
         self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=len(requests))
         return error
@@ -357,7 +395,7 @@ class Engine(Serving):
 
     def _queued(self) -> list[Request]:
         """Every admitted request that has not ended (waiting, running or lost by a policy)."""
-        return [r for r in self._active.values() if not r.is_finished]
+        return list(self._admitted.values())
 
     def _step(self, t0: float) -> list[Request]:
         self._admit_arrivals()
@@ -522,6 +560,7 @@ class Engine(Serving):
         else:
             request.finish(reason, now)
         self._detokenizers.pop(id(request), None)
+        self._admitted.pop(id(request), None)
         with self._lock:
             self._active.pop(request.request_id, None)
             if self.max_history:

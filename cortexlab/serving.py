@@ -157,13 +157,16 @@ class Serving:
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | Request,
         params: SamplingParams | None = None,
         *,
         chat: bool = False,
     ) -> Iterator[str]:
-        """Yield text deltas as they are produced; closing the generator cancels the request."""
-        request = self.submit(prompt, params, chat=chat)
+        """Yield text deltas as they are produced; closing the generator cancels the request.
+
+        `prompt` may also be a Request already returned by `submit` (to keep a handle on it).
+        """
+        request = prompt if isinstance(prompt, Request) else self.submit(prompt, params, chat=chat)
         sent = 0
         try:
             while True:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from cortexlab.hooks import RequestEvent, StepEvent
+from cortexlab.metrics import metrics_table, summary_row
 
 import pandas as pd
 
@@ -48,6 +51,15 @@ def request_row(request) -> dict:
     }
 
 
+# The engine step at which each request event happened, as a requests-table column.
+_STEP_COLUMNS = {
+    "request.arrived": "arrival_step",
+    "request.scheduled": "first_scheduled_step",
+    "request.first_token": "first_token_step",
+    "request.finished": "finish_step",
+}
+
+
 class Trace:
     """Records engine events; `.steps` and `.requests` give them as DataFrames.
 
@@ -76,10 +88,15 @@ class Trace:
 
     def _on_request(self, event: RequestEvent) -> None:
         request = event.request
-        self.events.append((event.time, event.step, event.name, request.request_id))
-        self._requests[request.request_id] = request_row(request)
+        rid = request.request_id
+        self.events.append((event.time, event.step, event.name, rid))
+        steps = {k: v for k, v in self._requests.get(rid, {}).items() if k.endswith("_step")}
+        column = _STEP_COLUMNS.get(event.name)
+        if column is not None:
+            steps.setdefault(column, event.step)
+        self._requests[rid] = request_row(request) | steps
         if event.name == "request.finished":
-            self._token_times[request.request_id] = tuple(request.token_times)
+            self._token_times[rid] = tuple(request.token_times)
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -89,7 +106,26 @@ class Trace:
     @property
     def requests(self) -> pd.DataFrame:
         """One row per request: lengths, timestamps, latencies, outcome (as last seen)."""
-        return pd.DataFrame(list(self._requests.values()))
+        df = pd.DataFrame(list(self._requests.values()))
+        for column in _STEP_COLUMNS.values():
+            if not df.empty and column not in df:
+                df[column] = float("nan")
+        return df
+
+    @property
+    def token_times(self) -> dict:
+        """Per finished request id: the engine-clock time of each output token."""
+        return dict(self._token_times)
+
+    def metrics(self, slo: Mapping[str, float] | None = None) -> pd.DataFrame:
+        """One row per statistic (mean, p50, p90, p99): latencies in seconds and in steps,
+        throughput, goodput under `slo` (e.g. ``{"ttft": 1.0, "tpot": 0.1}``), preemptions,
+        per-tenant service. Definitions: `cortexlab.metrics`."""
+        return metrics_table(self.requests, self.steps, self._token_times, slo=slo)
+
+    def summary(self, slo: Mapping[str, float] | None = None) -> dict[str, float]:
+        """`metrics()` flattened to one dict (`ttft_p50`, `throughput_rps`, ...)."""
+        return summary_row(self.requests, self.steps, self._token_times, slo=slo)
 
     @property
     def request_events(self) -> pd.DataFrame:

@@ -1,0 +1,297 @@
+"""Experiments: run a workload through an engine, compare policies, sweep configurations.
+
+Every run builds a fresh engine with the same settings, feeds it the workload's requests at
+their arrival times (``clock="measured"`` by default: idle gaps are jumped, compute is
+timed), records a Trace and summarises it with `cortexlab.metrics`. Sweeps cache each
+configuration's summary on disk by a hash of everything that determines it, so re-running
+a notebook does not recompute.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cortexlab.engine import Engine
+from cortexlab.guard import EngineError, policy_name
+from cortexlab.metrics import check_slo
+from cortexlab.models.base import Model
+from cortexlab.trace import Trace
+from cortexlab.workloads import Workload
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+# The columns a comparison shows first; every other summary column follows.
+SUMMARY_COLUMNS = (
+    "num_finished",
+    "num_failed",
+    "ttft_p50",
+    "ttft_p99",
+    "tpot_p50",
+    "tpot_p99",
+    "e2e_mean",
+    "e2e_p99",
+    "normalized_latency_mean",
+    "queue_delay_mean",
+    "goodput_share",
+    "throughput_rps",
+    "output_tps",
+    "num_preemptions",
+    "service_gap",
+    "ttft_steps_mean",
+    "e2e_steps_mean",
+)
+
+
+@dataclass
+class Run:
+    """One workload through one engine configuration: its trace and summary."""
+
+    name: str
+    config: dict
+    trace: Trace
+    summary: dict
+    wall_seconds: float
+    error: str | None = None
+
+    def _repr_html_(self) -> str:
+        table = pd.DataFrame([self.summary], index=[self.name])
+        shown = [c for c in SUMMARY_COLUMNS if c in table]
+        return f"<b>{self.name}</b>" + table[shown].to_html(float_format=lambda v: f"{v:.4g}")
+
+
+def label(policy: Any) -> str:
+    """A short display name for a policy given as a name, class, object or function."""
+    if isinstance(policy, str):
+        return policy
+    if isinstance(policy, type):
+        return getattr(policy, "name", None) or policy.__qualname__
+    name = getattr(policy, "name", None)
+    return name if isinstance(name, str) and name != "base" else policy_name(policy)
+
+
+def run_workload(
+    model: Model,
+    workload: Workload,
+    *,
+    scheduler: Any = "fcfs",
+    allocator: Any = "paged",
+    clock: str = "measured",
+    slo: Mapping[str, float] | None = None,
+    name: str | None = None,
+    **engine_kwargs: Any,
+) -> Run:
+    """Run every request of `workload` at its arrival time on a fresh engine; summarise it."""
+    if not isinstance(workload, Workload):
+        raise TypeError(f"workload must be a cl.workloads.Workload, got {type(workload).__name__}")
+    slo = check_slo(slo)
+    engine = Engine(model, scheduler=scheduler, allocator=allocator, clock=clock, **engine_kwargs)
+    trace, error = Trace(), None
+    requests = workload.materialize(model)
+    t0 = time.perf_counter()
+    with engine.hooks(trace.hooks):
+        start = engine.clock.now()
+        for index, r in enumerate(requests):
+            engine.submit(
+                r.prompt_token_ids, r.params, request_id=index, arrival_time=start + r.arrival_time
+            )
+        try:
+            engine.run_until_done()
+        except EngineError as exc:  # the failed requests carry it; the summary counts them
+            error = f"{type(exc).__name__}: {exc}"
+    config = {"scheduler": label(scheduler), "allocator": label(allocator), "clock": clock}
+    return Run(
+        name=name or label(scheduler),
+        config=config | engine_kwargs,
+        trace=trace,
+        summary=trace.summary(slo),
+        wall_seconds=time.perf_counter() - t0,
+        error=error,
+    )
+
+
+@dataclass
+class Comparison:
+    """Runs of one workload under several policies, indexed by policy name."""
+
+    runs: dict[str, Run]
+    slo: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """One row per policy: latency percentiles, goodput, throughput, preemptions."""
+        table = pd.DataFrame({name: run.summary for name, run in self.runs.items()}).T
+        first = [c for c in SUMMARY_COLUMNS if c in table]
+        table = table[first + [c for c in table if c not in first]]
+        table.index.name = "policy"
+        return table
+
+    def __getitem__(self, name: str) -> Run:
+        return self.runs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    @property
+    def traces(self) -> dict[str, Trace]:
+        """Policy name -> its Trace."""
+        return {name: run.trace for name, run in self.runs.items()}
+
+    def plot_latency_cdf(self, metric: str = "ttft", *, ax=None):
+        """Empirical CDF of `metric` per policy."""
+        from cortexlab import viz
+
+        return viz.plot_latency_cdf(self.traces, metric=metric, ax=ax)
+
+    def plot_metrics(self, metrics: Sequence[str] = ("ttft_p50", "ttft_p99"), *, ax=None):
+        """Grouped bars of summary columns per policy."""
+        from cortexlab import viz
+
+        return viz.plot_metric_bars(self.summary, metrics=tuple(metrics), ax=ax)
+
+    def _repr_html_(self) -> str:
+        shown = self.summary[[c for c in SUMMARY_COLUMNS if c in self.summary]]
+        return shown.to_html(float_format=lambda v: f"{v:.4g}")
+
+
+def compare(
+    model: Model,
+    workload: Workload,
+    schedulers: Sequence[Any] = ("fcfs", "sjf", "mlfq", "sarathi"),
+    *,
+    allocator: Any = "paged",
+    slo: Mapping[str, float] | None = None,
+    clock: str = "measured",
+    progress: bool = True,
+    **engine_kwargs: Any,
+) -> Comparison:
+    """Run `workload` once per scheduler (same model, allocator, limits) and compare them."""
+    names = [label(s) for s in schedulers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"schedulers must have distinct names, got {names}")
+    runs = {}
+    for name, scheduler in tqdm(
+        list(zip(names, schedulers, strict=True)), desc="compare", disable=not progress or None
+    ):
+        runs[name] = run_workload(
+            model,
+            workload,
+            scheduler=scheduler,
+            allocator=allocator,
+            clock=clock,
+            slo=slo,
+            name=name,
+            **engine_kwargs,
+        )
+    return Comparison(runs, check_slo(slo))
+
+
+def _fingerprint(value: Any) -> Any:
+    """A JSON-able description of a config value that changes whenever its behaviour can."""
+    if isinstance(value, str | int | float | bool | type(None)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _fingerprint(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [_fingerprint(v) for v in value]
+    if isinstance(value, Workload):
+        frame = value.to_frame().to_csv(index=False)
+        return {"workload": hashlib.sha256(frame.encode()).hexdigest(), "seed": value.seed}
+    if isinstance(value, Model):
+        return {"model": value.name, "source": value.source, "params": value.num_parameters}
+    target = value if callable(value) and not hasattr(value, "__dict__") else type(value)
+    try:
+        source = inspect.getsource(value if inspect.isfunction(value) else target)
+    except (OSError, TypeError):
+        source = repr(value)
+    state = {k: repr(v) for k, v in sorted(getattr(value, "__dict__", {}).items())}
+    return {"code": hashlib.sha256(source.encode()).hexdigest(), "state": state}
+
+
+@functools.cache
+def _package_digest() -> str:
+    # Any change to cortexlab's code may change a result, so it is part of every key.
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable hash of a sweep configuration (model, workload, policies, limits, code)."""
+    text = json.dumps(_fingerprint(dict(config) | {"code": _package_digest()}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sweep(
+    model: Model,
+    workload: Workload | Callable[..., Workload],
+    *,
+    schedulers: Sequence[Any] = ("fcfs",),
+    rates: Sequence[float | None] = (None,),
+    allocators: Sequence[Any] = ("paged",),
+    seeds: Sequence[int] = (0,),
+    slo: Mapping[str, float] | None = None,
+    cache_dir: str | Path | None = "results/.cache",
+    progress: bool = True,
+    **engine_kwargs: Any,
+) -> pd.DataFrame:
+    """One row per scheduler x rate x allocator x seed with its summary; cached on disk.
+
+    `workload` is a Workload (rates rescale its arrivals with `with_rate`; only seed 0, its
+    own) or a function ``f(rate=..., seed=...) -> Workload``.
+    """
+    slo = check_slo(slo)
+    if isinstance(workload, Workload) and tuple(seeds) != (0,):
+        raise ValueError("seeds needs workload given as a function f(rate=..., seed=...)")
+    cache = Path(cache_dir) if cache_dir is not None else None
+    rows = []
+    grid = list(itertools.product(schedulers, rates, allocators, seeds))
+    for scheduler, rate, allocator, seed in tqdm(grid, desc="sweep", disable=not progress or None):
+        if isinstance(workload, Workload):
+            wl = workload if rate is None else workload.with_rate(rate)
+        else:
+            wl = workload(rate=rate, seed=seed)
+        config = {
+            "model": model,
+            "workload": wl,
+            "scheduler": scheduler,
+            "allocator": allocator,
+            "slo": slo,
+            **engine_kwargs,
+        }
+        key = config_hash(config)
+        path = cache / f"{key}.json" if cache is not None else None
+        if path is not None and path.exists():
+            summary = json.loads(path.read_text())
+        else:
+            result = run_workload(
+                model, wl, scheduler=scheduler, allocator=allocator, slo=slo, **engine_kwargs
+            )
+            summary = {k: float(v) for k, v in result.summary.items()}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(summary, sort_keys=True))
+        rows.append(
+            {
+                "scheduler": label(scheduler),
+                "rate": rate if rate is not None else wl.rate,
+                "allocator": label(allocator),
+                "seed": seed,
+                "config": key,
+                **summary,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,210 @@
+"""Serving metrics, defined once: latencies, throughput, goodput under an SLO, fairness.
+
+Definitions (seconds on the engine clock; "steps" variants count engine steps, which are
+deterministic where seconds are noisy). They match vLLM's benchmark definitions where the
+two overlap (TTFT, TPOT, ITL, E2E, request and output-token throughput, goodput):
+
+- ``queue_delay``: arrival -> first scheduled.
+- ``ttft`` (time to first token): arrival -> first output token.
+- ``tpot`` (time per output token): (E2E - TTFT) / (output tokens - 1), per request;
+  undefined (NaN) for requests with fewer than two tokens.
+- ``itl`` (inter-token latency): every gap between consecutive output tokens of a request,
+  pooled over all requests (so long requests weigh more than in TPOT).
+- ``e2e``: arrival -> finish.  ``normalized_latency``: E2E / output tokens (Orca, vLLM papers).
+- ``*_steps``: the same spans in engine steps, counting the step where a request arrived and
+  the step where the event happened (TTFT of a request prefilled in its arrival step = 1).
+- ``throughput_rps`` / ``output_tps``: finished requests / output tokens per second of the
+  run, from the first arrival to the last finish.
+- ``goodput``: requests that finished within every SLO bound given (e.g. TTFT <= 1 s and
+  TPOT <= 0.1 s); ``goodput_share`` of all requests and ``goodput_rps`` per second.
+  Failed and cancelled requests never count as good.
+- ``service`` per tenant: prompt tokens x 1 + output tokens x 2 (VTC's default weights,
+  Sheng et al., OSDI 2024). ``service_gap``: over the steps in which two tenants both have
+  unfinished arrived requests, the largest difference of the service they received in those
+  steps (max over tenant pairs); a fair scheduler keeps it bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+LATENCIES = ("queue_delay", "ttft", "tpot", "itl", "e2e", "normalized_latency")
+STEP_LATENCIES = ("queue_delay_steps", "ttft_steps", "tpot_steps", "e2e_steps")
+STATISTICS = ("mean", "p50", "p90", "p99")
+PREFILL_WEIGHT, DECODE_WEIGHT = 1.0, 2.0
+SLO_METRICS = ("ttft", "tpot", "e2e", "itl_max", "normalized_latency")
+
+
+def _stats(values: Iterable[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return dict.fromkeys(STATISTICS, float("nan")) | {"count": 0}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"mean": float(v.mean()), "p50": p50, "p90": p90, "p99": p99, "count": int(v.size)}
+
+
+def check_slo(slo: Mapping[str, float] | None) -> dict[str, float]:
+    """The SLO as {metric: bound}, or ValueError naming the bad key or bound."""
+    if slo is None:
+        return {}
+    if not isinstance(slo, Mapping):
+        raise ValueError(f"slo must be a dict like {{'ttft': 1.0, 'tpot': 0.1}}, got {slo!r}")
+    for key, bound in slo.items():
+        if key not in SLO_METRICS:
+            raise ValueError(f"slo key {key!r} is not one of {', '.join(SLO_METRICS)}")
+        if isinstance(bound, bool) or not isinstance(bound, int | float) or not bound > 0:
+            raise ValueError(f"slo[{key!r}] must be a number > 0, got {bound!r}")
+    return dict(slo)
+
+
+def per_request(requests: pd.DataFrame, token_times: Mapping) -> pd.DataFrame:
+    """The requests table plus the derived per-request columns used below."""
+    df = requests.copy()
+    if df.empty:
+        return df
+    n = df["num_output_tokens"].replace(0, np.nan)
+    df["normalized_latency"] = df["e2e"] / n
+    df["itl_max"] = [
+        float(np.max(np.diff(token_times.get(r, ())))) if len(token_times.get(r, ())) > 1 else 0.0
+        for r in df["request_id"]
+    ]
+    for name, start, end, extra in (
+        ("queue_delay_steps", "arrival_step", "first_scheduled_step", 0),
+        ("ttft_steps", "arrival_step", "first_token_step", 1),
+        ("e2e_steps", "arrival_step", "finish_step", 1),
+    ):
+        if start in df and end in df:
+            df[name] = df[end] - df[start] + extra
+    if "first_token_step" in df and "finish_step" in df:
+        df["tpot_steps"] = (df["finish_step"] - df["first_token_step"]) / (n - 1).where(n > 1)
+    return df
+
+
+def is_good(df: pd.DataFrame, slo: Mapping[str, float]) -> pd.Series:
+    """Per request: finished, and within every SLO bound."""
+    good = df["state"] == "finished"
+    for key, bound in slo.items():
+        # A request with one token has no TPOT: it cannot violate a TPOT bound.
+        good &= df[key].fillna(0.0) <= bound
+    return good
+
+
+def service_by_tenant(requests: pd.DataFrame) -> pd.Series:
+    """Weighted tokens served per tenant (prompt x 1 + output x 2)."""
+    if requests.empty:
+        return pd.Series(dtype=float)
+    service = (
+        PREFILL_WEIGHT * requests["num_prompt_tokens"]
+        + DECODE_WEIGHT * requests["num_output_tokens"]
+    )
+    return service.groupby(requests["tenant"]).sum().astype(float)
+
+
+def service_gap(requests: pd.DataFrame, steps: pd.DataFrame) -> float:
+    """Largest service difference between two tenants over the steps both were backlogged."""
+    if requests.empty or steps.empty or "request_ids" not in steps or requests.tenant.nunique() < 2:
+        return float("nan")
+    tenant_of = dict(zip(requests.request_id, requests.tenant, strict=True))
+    tenants = sorted(set(tenant_of.values()))
+    index = {t: i for i, t in enumerate(tenants)}
+    num_steps = int(steps["step"].max()) + 1
+    served = np.zeros((num_steps, len(tenants)))
+    for step, ids, counts, prefill in zip(
+        steps["step"], steps["request_ids"], steps["num_new_tokens"], steps["is_prefill"], strict=True
+    ):
+        if not isinstance(ids, list):
+            continue  # an empty step
+        for rid, n, p in zip(ids, counts, prefill, strict=True):
+            if rid in tenant_of:
+                served[step, index[tenant_of[rid]]] += n * (PREFILL_WEIGHT if p else DECODE_WEIGHT)
+    backlog = np.zeros((num_steps, len(tenants)), dtype=bool)
+    for tenant, start, end in zip(
+        requests.tenant, requests.arrival_step, requests.finish_step, strict=True
+    ):
+        if np.isfinite(start):
+            stop = int(end) + 1 if np.isfinite(end) else num_steps
+            backlog[int(start) : stop, index[tenant]] = True
+    gap = 0.0
+    for a, b in combinations(range(len(tenants)), 2):
+        both = backlog[:, a] & backlog[:, b]
+        if both.any():
+            diff = np.cumsum(np.where(both, served[:, a] - served[:, b], 0.0))
+            gap = max(gap, float(np.abs(diff).max()))
+    return gap
+
+
+def metrics_table(
+    requests: pd.DataFrame,
+    steps: pd.DataFrame,
+    token_times: Mapping,
+    *,
+    slo: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
+    """One row per statistic (mean, p50, p90, p99, count): latencies in seconds and steps,
+    then throughput, goodput, preemptions and per-tenant service (in the `mean` column)."""
+    slo = check_slo(slo)
+    df = per_request(requests, token_times)
+    rows: dict[str, dict] = {}
+    if df.empty:
+        return pd.DataFrame(columns=[*STATISTICS, "count"])
+    itl = [g for r in df["request_id"] for g in np.diff(token_times.get(r, ()))]
+    for name in LATENCIES:
+        rows[name] = _stats(itl if name == "itl" else df[name])
+    for name in STEP_LATENCIES:
+        if name in df:
+            rows[name] = _stats(df[name])
+    for name, value in scalars(df, steps, slo).items():
+        rows[name] = {"mean": value, "count": len(df)}
+    table = pd.DataFrame.from_dict(rows, orient="index")[[*STATISTICS, "count"]]
+    table.index.name = "metric"
+    return table
+
+
+def scalars(df: pd.DataFrame, steps: pd.DataFrame, slo: Mapping[str, float]) -> dict[str, float]:
+    """Run-level numbers: counts, duration, throughput, goodput, preemptions, fairness."""
+    finished = df[df["state"] == "finished"]
+    start = df["arrival_time"].min()
+    end = df["finish_time"].max()
+    duration = float(end - start) if np.isfinite(end - start) and end > start else float("nan")
+    out = {
+        "num_requests": float(len(df)),
+        "num_finished": float(len(finished)),
+        "num_failed": float((df["state"] == "failed").sum()),
+        "num_cancelled": float((df["state"] == "cancelled").sum()),
+        "duration": duration,
+        "throughput_rps": len(finished) / duration,
+        "output_tps": float(finished["num_output_tokens"].sum()) / duration,
+        "num_preemptions": float(df["num_preemptions"].sum()),
+    }
+    if slo:
+        good = is_good(df, slo)
+        out["goodput_share"] = float(good.mean())
+        out["goodput_rps"] = float(good.sum()) / duration
+    for tenant, service in service_by_tenant(df).items():
+        out[f"service[{tenant}]"] = service
+    if df["tenant"].nunique() > 1 and "arrival_step" in df:
+        out["service_gap"] = service_gap(df, steps)
+    return out
+
+
+def summary_row(
+    requests: pd.DataFrame,
+    steps: pd.DataFrame,
+    token_times: Mapping,
+    *,
+    slo: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The metrics table flattened to one dict (`ttft_p50`, `throughput_rps`, ...)."""
+    table = metrics_table(requests, steps, token_times, slo=slo)
+    row: dict[str, float] = {}
+    for name, stats in table.iterrows():
+        if pd.isna(stats["p50"]) and stats["count"] and name not in LATENCIES:
+            row[name] = float(stats["mean"])
+        else:
+            for s in STATISTICS:
+                row[f"{name}_{s}"] = float(stats[s])
+    return row
