@@ -9,7 +9,7 @@ from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
-from cortexlab import workloads
+from cortexlab import report, viz, workloads
 
 __all__ = [
     "HOOK_POINTS",
@@ -29,9 +29,11 @@ __all__ = [
     "guard",
     "kv",
     "load_model",
+    "report",
     "sampling",
     "schedulers",
     "seed",
+    "viz",
     "workloads",
 ]
 __version__ = "0.1.0"
