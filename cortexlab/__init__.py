@@ -9,7 +9,7 @@ from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
-from cortexlab import metrics, workloads
+from cortexlab import metrics, report, viz, workloads
 from cortexlab.experiment import Comparison, compare, run_workload, sweep
 
 __all__ = [
@@ -33,11 +33,13 @@ __all__ = [
     "kv",
     "load_model",
     "metrics",
+    "report",
     "run_workload",
     "sampling",
     "schedulers",
     "seed",
     "sweep",
+    "viz",
     "workloads",
 ]
 __version__ = "0.1.0"

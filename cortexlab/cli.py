@@ -132,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream completions for one or more prompts")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s)")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    gen.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy (default: 0.0)"
-    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0.0)")
     gen.add_argument("--top-k", type=int, default=0, help="0 disables (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")

@@ -398,6 +398,7 @@ class Engine(Serving):
         return list(self._admitted.values())
 
     def _step(self, t0: float) -> list[Request]:
+        self.last_batch = None
         self._admit_arrivals()
         self.state.now = self.clock.now()
         self._fire_step("step.begin")
@@ -484,8 +485,10 @@ class Engine(Serving):
 
     def _end_step(self, duration: float, *, num_generated: int, num_finished: int) -> None:
         if self.hook_manager.is_active("step.end"):
+            batch = self.last_batch
             data = {
                 "duration": duration,
+                "preempted_ids": [r.request_id for r in batch.preempted] if batch else [],
                 "num_generated_tokens": num_generated,
                 "num_finished": num_finished,
                 "num_waiting": len(self.state.waiting),
@@ -499,6 +502,7 @@ class Engine(Serving):
                 )
             else:
                 data.update(
+                    kv_num_slots=usage.num_slots,
                     kv_used_slots=usage.num_used_slots,
                     kv_reserved_slots=usage.num_reserved_slots,
                     kv_fragmented_slots=usage.num_fragmented_slots,

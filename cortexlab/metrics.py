@@ -114,7 +114,11 @@ def service_gap(requests: pd.DataFrame, steps: pd.DataFrame) -> float:
     num_steps = int(steps["step"].max()) + 1
     served = np.zeros((num_steps, len(tenants)))
     for step, ids, counts, prefill in zip(
-        steps["step"], steps["request_ids"], steps["num_new_tokens"], steps["is_prefill"], strict=True
+        steps["step"],
+        steps["request_ids"],
+        steps["num_new_tokens"],
+        steps["is_prefill"],
+        strict=True,
     ):
         if not isinstance(ids, list):
             continue  # an empty step

@@ -1,0 +1,35 @@
+"""Plots of a Trace: plain matplotlib functions `plot_x(data, *, ax=None, ...) -> Axes`.
+
+Each takes a `cl.Trace` or the DataFrame it reads, draws into `ax` (or a new figure) and
+returns the Axes. A request keeps one colour in every plot of the same Trace
+(`request_colors`).
+"""
+
+from __future__ import annotations
+
+from cortexlab.viz._common import REQUEST_PALETTE, metric_label, request_colors, request_order
+from cortexlab.viz.latency import plot_goodput_vs_load, plot_latency_cdf, plot_metric_bars
+from cortexlab.viz.steps import (
+    batch_tokens,
+    plot_batch_composition,
+    plot_cache_occupancy,
+    plot_queue,
+)
+from cortexlab.viz.timeline import PHASES, plot_gantt, request_spans
+
+__all__ = [
+    "PHASES",
+    "REQUEST_PALETTE",
+    "batch_tokens",
+    "metric_label",
+    "plot_batch_composition",
+    "plot_cache_occupancy",
+    "plot_gantt",
+    "plot_goodput_vs_load",
+    "plot_latency_cdf",
+    "plot_metric_bars",
+    "plot_queue",
+    "request_colors",
+    "request_order",
+    "request_spans",
+]
