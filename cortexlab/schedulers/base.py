@@ -125,9 +125,13 @@ class BaseScheduler:
         state.waiting.appendleft(victim)
         batch.preempted.append(victim)
 
-    def victim(self, state: SchedulerState, request: Request) -> Request:
-        """Who gives blocks back when `request` cannot grow: the newest running request."""
-        return state.running[-1]
+    def victim(self, state: SchedulerState, request: Request, batch: Batch) -> Request:
+        """Who gives blocks back when `request` cannot grow: the newest running request not
+        already in `batch` (possibly `request` itself)."""
+        # A request already in the batch must stay RUNNING for the forward pass; policies
+        # that do not walk running requests oldest first would otherwise pick one.
+        scheduled = {id(s.request) for s in batch.scheduled}
+        return next(r for r in reversed(state.running) if id(r) not in scheduled)
 
     def reserve(
         self, state: SchedulerState, request: Request, num_new_tokens: int, batch: Batch
@@ -138,7 +142,7 @@ class BaseScheduler:
         """
         total = request.num_computed_tokens + num_new_tokens
         while not state.allocator.can_append(request, total):
-            victim = self.victim(state, request)
+            victim = self.victim(state, request, batch)
             self.preempt(state, victim, batch)
             if victim is request:
                 return False
