@@ -111,6 +111,9 @@ class Engine(Serving):
         )
         self.clock = Clock(clock)
         self.scheduler = as_scheduler(scheduler)
+        check_config = getattr(self.scheduler, "check_config", None)
+        if callable(check_config):
+            check_config(self.config)  # a policy that cannot run here says so now
         if isinstance(allocator, str | type):
             block_size = check_positive_int("block_size", block_size, high=65536)
             num_blocks = resolve_num_blocks(

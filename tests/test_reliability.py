@@ -198,7 +198,7 @@ def test_numpy_token_ids_are_accepted(tiny, reference):
         ({"max_history": -1}, ValueError, "max_history must be an int >= 0"),
         ({"scheduler": None}, TypeError, "scheduler must be a registered name"),
         ({"scheduler": 123}, TypeError, "scheduler must be a registered name"),
-        ({"scheduler": "nope"}, KeyError, "unknown scheduler 'nope'; available: fcfs"),
+        ({"scheduler": "nope"}, KeyError, "unknown scheduler 'nope'; available: fair, fcfs, ltr"),
         ({"allocator": 123}, TypeError, "allocator must be a registered name.*lacks"),
         ({"allocator": object()}, TypeError, "lacks can_ever_fit"),
         ({"allocator": "nope"}, KeyError, "unknown allocator 'nope'; available: contiguous"),

@@ -66,19 +66,33 @@ def as_scheduler(spec: Any) -> Scheduler:
 
 
 # Imported after `register` exists: each policy module registers itself on import.
+from cortexlab.schedulers.fair import VTCScheduler  # noqa: E402
 from cortexlab.schedulers.fcfs import FCFSScheduler  # noqa: E402
+from cortexlab.schedulers.ltr import LearningToRankScheduler  # noqa: E402
+from cortexlab.schedulers.mlfq import MLFQScheduler  # noqa: E402
+from cortexlab.schedulers.priority import PriorityScheduler  # noqa: E402
+from cortexlab.schedulers.ranked import RankedScheduler  # noqa: E402
+from cortexlab.schedulers.sarathi import SarathiScheduler  # noqa: E402
+from cortexlab.schedulers.sjf import SJFScheduler  # noqa: E402
 
 __all__ = [
     "BaseScheduler",
     "Batch",
     "FCFSScheduler",
     "FunctionScheduler",
+    "LearningToRankScheduler",
+    "MLFQScheduler",
+    "PriorityScheduler",
+    "RankedScheduler",
+    "SJFScheduler",
+    "SarathiScheduler",
     "as_scheduler",
-    "available",
     "ScheduledSeq",
     "Scheduler",
     "SchedulerConfig",
     "SchedulerState",
+    "VTCScheduler",
+    "available",
     "register",
     "schedulers",
 ]

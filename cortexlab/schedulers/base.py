@@ -132,6 +132,9 @@ class BaseScheduler:
     def schedule(self, state: SchedulerState) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_config(self, config: SchedulerConfig) -> None:
+        """Raise ValueError if this policy cannot run under `config` (the engine asks once)."""
+
     def admit(self, state: SchedulerState, request: Request, num_new_tokens: int) -> None:
         """Give a waiting request blocks for its first `num_new_tokens` and start it."""
         state.allocator.allocate(request, request.num_computed_tokens + num_new_tokens)
@@ -148,9 +151,13 @@ class BaseScheduler:
         state.waiting.appendleft(victim)
         batch.preempted.append(victim)
 
-    def victim(self, state: SchedulerState, request: Request) -> Request:
-        """Who gives blocks back when `request` cannot grow: the newest running request."""
-        return state.running[-1]
+    def victim(self, state: SchedulerState, request: Request, batch: Batch) -> Request:
+        """Who gives blocks back when `request` cannot grow: the newest running request not
+        already in `batch` (possibly `request` itself)."""
+        # A request already in the batch must stay RUNNING for the forward pass; policies
+        # that do not walk running requests oldest first would otherwise pick one.
+        scheduled = {id(s.request) for s in batch.scheduled}
+        return next(r for r in reversed(state.running) if id(r) not in scheduled)
 
     def reserve(
         self, state: SchedulerState, request: Request, num_new_tokens: int, batch: Batch
@@ -161,7 +168,7 @@ class BaseScheduler:
         """
         total = request.num_computed_tokens + num_new_tokens
         while not state.allocator.can_append(request, total):
-            victim = self.victim(state, request)
+            victim = self.victim(state, request, batch)
             self.preempt(state, victim, batch)
             if victim is request:
                 return False
