@@ -24,18 +24,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/cortexlab info
-	$(VENV)/bin/cortexlab generate --max-tokens 48 \
-	  "What is the capital of France?" \
-	  "Write a haiku about the sea." \
-	  "Name three primary colors."
+	$(VENV)/bin/cortexlab compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests notebooks \
 	  --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check cortexlab tests benchmarks
-	$(VENV)/bin/ruff check cortexlab tests benchmarks
+	$(VENV)/bin/ruff format --check cortexlab tests benchmarks experiments
+	$(VENV)/bin/ruff check cortexlab tests benchmarks experiments
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -1,8 +1,14 @@
-"""The `cortexlab` command."""
+"""The `cortexlab` command: info, generate, compare; bad input is one line and exit 2."""
 
 from __future__ import annotations
 
-from cortexlab.cli import main
+import json
+
+import cortexlab as cl
+from cortexlab.cli import build_parser, main
+
+import pandas as pd
+import pytest
 
 
 def test_generate_streams_text(capsys):
@@ -11,12 +17,89 @@ def test_generate_streams_text(capsys):
     assert "5 generated" in out.err and "finish: length" in out.err
 
 
-def test_generate_rejects_bad_params(capsys):
-    assert main(["generate", "--model", "tiny-random", "--temperature", "-1", "hi"]) == 2
-    assert "temperature" in capsys.readouterr().err
+def test_generate_takes_sampling_and_engine_flags(capsys):
+    argv = ["generate", "--model", "tiny-random", "--no-chat", "--max-tokens", "6"]
+    argv += ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    argv += ["--scheduler", "sjf", "--allocator", "contiguous", "--block-size", "4", "hello"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first, "seeded sampling repeats"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--model", "tiny-random", "--temperature", "-1", "hi"], "temperature"),
+        (["generate", "--model", "tiny-random", "--top-p", "0", "hi"], "top_p"),
+        (["generate", "--model", "tiny-random", ""], "a PROMPT is empty"),
+        (["generate", "--model", "no/such/model", "hi"], "--model: no model at"),
+        (["generate", "--model", "tiny-random", "--scheduler", "nope", "hi"], "unknown scheduler"),
+        (["generate", "--model", "tiny-random", "--block-size", "0", "hi"], "block_size"),
+        (["generate", "--max-tokens", "many", "hi"], "invalid int value"),
+        (["generate"], "the following arguments are required: PROMPT"),
+        (["compare", "--schedulers", "fcfs,nope"], "unknown scheduler 'nope'"),
+        (["compare", "--rate", "0"], "--rate must be > 0"),
+        (["compare", "--loads", "1,-2"], "--loads must be positive"),
+        (["compare", "--tenants", "a:x"], "--tenants"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cortexlab {cl.__version__}"
+
+
+def test_every_flag_has_help_with_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("generate", "compare"):
+        for action in subparsers[name]._actions:
+            if action.dest in ("help", "prompts") or not action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            if action.default is not None and action.dest != "chat":
+                assert "default" in action.help, f"{name} {action.option_strings}"
 
 
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "blas" in out and "fp32_matmul_gflops" in out
+
+
+def test_compare_writes_results(tmp_path, capsys):
+    argv = ["compare", "--model", "tiny-random", "--out", str(tmp_path), "--name", "t"]
+    argv += ["--schedulers", "fcfs,sjf", "--num-requests", "6", "--loads", "1,2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fcfs" in out and "sjf" in out and "report:" in out
+    folder = tmp_path / "t"
+    summary = pd.read_csv(folder / "summary.csv", index_col=0)
+    assert list(summary.index) == ["fcfs", "sjf"] and (summary.num_finished == 6).all()
+    loads = pd.read_csv(folder / "load.csv")
+    assert sorted(set(loads.rate)) == [2.0, 4.0] and len(loads) == 4
+    for policy in ("fcfs", "sjf"):
+        requests = pd.read_csv(folder / "traces" / policy / "requests.csv")
+        assert len(requests) == 6
+    figures = sorted(p.name for p in (folder / "figures").iterdir())
+    assert figures == [
+        "batch_composition_per_policy.png",
+        "goodput_vs_load.png",
+        "latency_cdfs_per_policy.png",
+        "request_gantt_per_policy.png",
+    ]
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "http" not in html
+    assert json.loads((folder / "options.json").read_text())["schedulers"] == ["fcfs", "sjf"]
+    # A second run reads the other loads from the cache.
+    assert any((tmp_path / ".cache").iterdir())
