@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import cortexlab as cl
 from cortexlab.request import RequestState
@@ -298,3 +299,41 @@ def test_measured_clock_advances_by_step_durations(tiny):
         engine.generate([[1, 2, 3]], cl.SamplingParams(max_tokens=4, ignore_eos=True))
     steps = trace.steps
     assert engine.clock.now() == pytest.approx(steps["duration"].sum())
+
+
+def test_future_arrivals_enter_at_their_time_on_the_measured_clock(tiny):
+    engine = cl.Engine(tiny, clock="measured")
+    params = cl.SamplingParams(max_tokens=3, ignore_eos=True)
+    seen = []
+    forward = engine.scheduler.schedule
+
+    def spy(state):
+        seen.append((state.now, [r.request_id for r in state.waiting]))
+        return forward(state)
+
+    engine.scheduler.schedule = spy
+    early = engine.submit([1, 2, 3], params, arrival_time=0.0)
+    late = engine.submit([4, 5, 6], params, arrival_time=100.0)
+    t0 = time.perf_counter()
+    engine.run_until_done()
+    assert time.perf_counter() - t0 < 10, "idle time is jumped, not waited"
+    assert late.arrival_time == 100.0 and late.first_scheduled_time >= 100.0
+    assert all(1 not in ids for now, ids in seen if now < 100.0)
+    assert early.finish_time < 100.0 <= late.first_token_time
+    assert_all_free(engine)
+
+
+def test_future_arrivals_wait_on_the_wall_clock_and_can_be_cancelled(tiny):
+    engine = cl.Engine(tiny)
+    params = cl.SamplingParams(max_tokens=2, ignore_eos=True)
+    soon = engine.submit([1, 2], params, arrival_time=engine.clock.now() + 0.2)
+    never = engine.submit([3, 4], params, arrival_time=engine.clock.now() + 60)
+    engine.cancel(never)
+    t0 = time.perf_counter()
+    engine.run_until_done()
+    assert 0.15 < time.perf_counter() - t0 < 30
+    assert soon.state is RequestState.FINISHED and soon.first_scheduled_time >= 0.2
+    assert never.state is RequestState.CANCELLED and never.num_output_tokens == 0
+    with pytest.raises(ValueError, match="arrival_time must be a finite float >= 0"):
+        engine.submit([1], params, arrival_time=float("nan"))
+    assert_all_free(engine)
