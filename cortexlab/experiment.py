@@ -1,20 +1,25 @@
 """Experiments: run a workload through an engine, compare policies, sweep configurations.
 
-Every run builds a fresh engine with the same settings, feeds it the workload's requests at
-their arrival times (``clock="measured"`` by default: idle gaps are jumped, compute is
-timed), records a Trace and summarises it with `cortexlab.metrics`. Sweeps cache each
+Every run builds a fresh engine with the same settings (and fresh copies of policy
+objects), feeds it the workload's requests at their arrival times (``clock="measured"`` by
+default: idle gaps are jumped, compute is timed), records a Trace and summarises it with
+`cortexlab.metrics`. Sweeps cache each
 configuration's summary on disk by a hash of everything that determines it, so re-running
 a notebook does not recompute.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
 import itertools
 import json
+import math
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,10 @@ from cortexlab.models.base import Model
 from cortexlab.trace import Trace
 from cortexlab.workloads import Workload
 
+import mlx.core as mx
+import numpy as np
 import pandas as pd
+from mlx.utils import tree_flatten
 from tqdm.auto import tqdm
 
 # The columns a comparison shows first; every other summary column follows.
@@ -75,8 +83,25 @@ def label(policy: Any) -> str:
         return policy
     if isinstance(policy, type):
         return getattr(policy, "name", None) or policy.__qualname__
+    if inspect.isfunction(policy) or inspect.ismethod(policy):
+        return policy.__name__  # not "function": two function policies must differ
     name = getattr(policy, "name", None)
     return name if isinstance(name, str) and name != "base" else policy_name(policy)
+
+
+def _fresh(policy: Any) -> Any:
+    """A copy of a policy object, so every run starts from the state it was given in (a
+    scheduler keeps counters, queues and predictions across steps) and the caller's object
+    is left as it was; names, classes and plain functions are used as they are."""
+    if isinstance(policy, str | type) or inspect.isfunction(policy):
+        return policy
+    try:
+        return copy.deepcopy(policy)
+    except Exception as exc:  # e.g. a policy holding a lock or an open file
+        warnings.warn(
+            f"could not copy {label(policy)} ({exc!r}); runs share its state", stacklevel=3
+        )
+        return policy
 
 
 def run_workload(
@@ -90,11 +115,21 @@ def run_workload(
     name: str | None = None,
     **engine_kwargs: Any,
 ) -> Run:
-    """Run every request of `workload` at its arrival time on a fresh engine; summarise it."""
+    """Run every request of `workload` at its arrival time on a fresh engine; summarise it.
+
+    A scheduler or allocator given as an object runs as a copy: every run starts from the
+    object as given, which stays unchanged (so a sweep's runs do not share its state).
+    """
     if not isinstance(workload, Workload):
         raise TypeError(f"workload must be a cl.workloads.Workload, got {type(workload).__name__}")
     slo = check_slo(slo)
-    engine = Engine(model, scheduler=scheduler, allocator=allocator, clock=clock, **engine_kwargs)
+    engine = Engine(
+        model,
+        scheduler=_fresh(scheduler),
+        allocator=_fresh(allocator),
+        clock=clock,
+        **engine_kwargs,
+    )
     trace, error = Trace(), None
     requests = workload.materialize(model)
     t0 = time.perf_counter()
@@ -169,7 +204,7 @@ class Comparison:
 def compare(
     model: Model,
     workload: Workload,
-    schedulers: Sequence[Any] = ("fcfs", "sjf", "mlfq", "sarathi"),
+    schedulers: Sequence[Any] | Mapping[str, Any] = ("fcfs", "sjf", "mlfq", "sarathi"),
     *,
     allocator: Any = "paged",
     slo: Mapping[str, float] | None = None,
@@ -177,10 +212,19 @@ def compare(
     progress: bool = True,
     **engine_kwargs: Any,
 ) -> Comparison:
-    """Run `workload` once per scheduler (same model, allocator, limits) and compare them."""
-    names = [label(s) for s in schedulers]
+    """Run `workload` once per scheduler (same model, allocator, limits) and compare them.
+
+    `schedulers` is a list (each named by `label`) or a dict name -> scheduler.
+    """
+    if isinstance(schedulers, Mapping):
+        names, schedulers = [str(n) for n in schedulers], list(schedulers.values())
+    else:
+        names = [label(s) for s in schedulers]
     if len(set(names)) != len(names):
-        raise ValueError(f"schedulers must have distinct names, got {names}")
+        raise ValueError(
+            f"schedulers must have distinct names, got {names}; pass a dict "
+            f"{{name: scheduler}} to name them"
+        )
     runs = {}
     for name, scheduler in tqdm(
         list(zip(names, schedulers, strict=True)), desc="compare", disable=not progress or None
@@ -198,26 +242,99 @@ def compare(
     return Comparison(runs, check_slo(slo))
 
 
-def _fingerprint(value: Any) -> Any:
-    """A JSON-able description of a config value that changes whenever its behaviour can."""
+# Deep enough for a policy holding a predictor holding its parameters; cycles stop here.
+MAX_FINGERPRINT_DEPTH = 6
+
+
+def _digest(text: str | bytes) -> str:
+    return hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()
+
+
+def _source(value: Any) -> str:
+    try:
+        return _digest(inspect.getsource(value))
+    except (OSError, TypeError):
+        code = getattr(value, "__code__", None)  # a function typed into a console
+        return _digest(code.co_code if code is not None else getattr(value, "__qualname__", ""))
+
+
+def _model_fingerprint(model: Model) -> dict:
+    """Name, dtype and a sample of every weight tensor: two tiny-random seeds differ."""
+    digest = hashlib.sha256()
+    for name, weight in tree_flatten(model.module.parameters()):
+        # 64 entries spread over the tensor: cheap for any model size.
+        sample = weight.reshape(-1)[:: max(1, weight.size // 64)][:64].astype(mx.float32)
+        digest.update(f"{name}{weight.shape}{weight.dtype}".encode())
+        digest.update(np.array(sample).tobytes())
+    return {
+        "model": model.name,
+        "source": model.source,
+        "dtype": str(model.dtype),
+        "params": model.num_parameters,
+        "weights": digest.hexdigest(),
+    }
+
+
+def _fingerprint(value: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a config value that changes whenever its behaviour can
+    (and, for the same value, stays the same from session to session: no memory address)."""
     if isinstance(value, str | int | float | bool | type(None)):
         return value
+    if depth > MAX_FINGERPRINT_DEPTH:
+        return type(value).__qualname__
+    deeper = functools.partial(_fingerprint, depth=depth + 1)
     if isinstance(value, Mapping):
-        return {str(k): _fingerprint(v) for k, v in sorted(value.items())}
+        return {str(k): deeper(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, list | tuple):
-        return [_fingerprint(v) for v in value]
+        return [deeper(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((deeper(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
     if isinstance(value, Workload):
         frame = value.to_frame().to_csv(index=False)
-        return {"workload": hashlib.sha256(frame.encode()).hexdigest(), "seed": value.seed}
+        return {
+            "workload": _digest(frame),
+            "seed": value.seed,
+            "system_prompt_len": value.system_prompt_len,
+        }
     if isinstance(value, Model):
-        return {"model": value.name, "source": value.source, "params": value.num_parameters}
-    target = value if callable(value) and not hasattr(value, "__dict__") else type(value)
-    try:
-        source = inspect.getsource(value if inspect.isfunction(value) else target)
-    except (OSError, TypeError):
-        source = repr(value)
-    state = {k: repr(v) for k, v in sorted(getattr(value, "__dict__", {}).items())}
-    return {"code": hashlib.sha256(source.encode()).hexdigest(), "state": state}
+        return _model_fingerprint(value)
+    if isinstance(value, functools.partial):
+        return {
+            "partial": deeper(value.func),
+            "args": deeper(value.args),
+            "kw": deeper(value.keywords),
+        }
+    if inspect.ismethod(value):
+        return {"method": deeper(value.__func__), "self": deeper(value.__self__)}
+    if inspect.isfunction(value):
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(deeper(cell.cell_contents))
+            except ValueError:  # an empty cell
+                cells.append(None)
+        return {
+            "code": _source(value),
+            "defaults": deeper(value.__defaults__),
+            "kwdefaults": deeper(value.__kwdefaults__),
+            "closure": cells,
+        }
+    if isinstance(value, type):
+        return {"class": _source(value)}
+    if hasattr(value, "bit_generator"):  # a numpy Generator: its state, not its address
+        return {"rng": deeper(value.bit_generator.state)}
+    if isinstance(value, mx.array):
+        value = np.array(value.astype(mx.float32) if value.dtype == mx.bfloat16 else value)
+    if isinstance(value, np.ndarray | np.generic):
+        return {"array": _digest(value.tobytes()), "shape": value.shape, "dtype": str(value.dtype)}
+    state = dict(getattr(value, "__dict__", {}))
+    for cls in type(value).__mro__:  # slots classes (dataclass(slots=True)) keep state here
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(value, name) and name not in ("__dict__", "__weakref__"):
+                state[name] = getattr(value, name)
+    if not state and type(value).__module__ == "builtins":
+        return repr(value)  # e.g. itertools.count(0): its repr is its state
+    return {"code": _source(type(value)), "state": deeper(state)}
 
 
 @functools.cache
@@ -255,7 +372,11 @@ def sweep(
     """
     slo = check_slo(slo)
     if isinstance(workload, Workload) and tuple(seeds) != (0,):
-        raise ValueError("seeds needs workload given as a function f(rate=..., seed=...)")
+        raise ValueError(
+            f"sweep: seeds={list(seeds)} needs `workload` given as a function "
+            f"f(rate=..., seed=...) -> Workload; a Workload carries its own seed "
+            f"({workload.seed})"
+        )
     cache = Path(cache_dir) if cache_dir is not None else None
     rows = []
     grid = list(itertools.product(schedulers, rates, allocators, seeds))
@@ -274,16 +395,14 @@ def sweep(
         }
         key = config_hash(config)
         path = cache / f"{key}.json" if cache is not None else None
-        if path is not None and path.exists():
-            summary = json.loads(path.read_text())
-        else:
+        summary = _read_summary(path) if path is not None else None
+        if summary is None:
             result = run_workload(
                 model, wl, scheduler=scheduler, allocator=allocator, slo=slo, **engine_kwargs
             )
             summary = {k: float(v) for k, v in result.summary.items()}
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(summary, sort_keys=True))
+                _write_summary(path, summary)
         rows.append(
             {
                 "scheduler": label(scheduler),
@@ -295,3 +414,24 @@ def sweep(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _write_summary(path: Path, summary: Mapping[str, float]) -> None:
+    """Standard JSON (NaN as null, infinities as strings), keys in summary order so cached
+    and fresh rows have the same columns; written whole or not at all."""
+    values = {
+        k: None if math.isnan(v) else v if math.isfinite(v) else str(v) for k, v in summary.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(values, allow_nan=False))
+    os.replace(partial, path)
+
+
+def _read_summary(path: Path) -> dict[str, float] | None:
+    """A cached summary, or None when there is none or it cannot be read (then recompute)."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): float("nan") if v is None else float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None

@@ -11,17 +11,27 @@ two overlap (TTFT, TPOT, ITL, E2E, request and output-token throughput, goodput)
 - ``itl`` (inter-token latency): every gap between consecutive output tokens of a request,
   pooled over all requests (so long requests weigh more than in TPOT).
 - ``e2e``: arrival -> finish.  ``normalized_latency``: E2E / output tokens (Orca, vLLM papers).
-- ``*_steps``: the same spans in engine steps, counting the step where a request arrived and
-  the step where the event happened (TTFT of a request prefilled in its arrival step = 1).
-- ``throughput_rps`` / ``output_tps``: finished requests / output tokens per second of the
-  run, from the first arrival to the last finish.
-- ``goodput``: requests that finished within every SLO bound given (e.g. TTFT <= 1 s and
-  TPOT <= 0.1 s); ``goodput_share`` of all requests and ``goodput_rps`` per second.
-  Failed and cancelled requests never count as good.
-- ``service`` per tenant: prompt tokens x 1 + output tokens x 2 (VTC's default weights,
-  Sheng et al., OSDI 2024). ``service_gap``: over the steps in which two tenants both have
-  unfinished arrived requests, the largest difference of the service they received in those
-  steps (max over tenant pairs); a fair scheduler keeps it bounded.
+- Latency statistics (mean, p50, p90, p99 with numpy's default linear interpolation) are
+  over finished requests only, as vLLM's are over successful ones: a request that failed or
+  was cancelled early would otherwise make a policy look faster.
+- ``*_steps``: the same spans in engine steps. TTFT and E2E count the step where a request
+  arrived and the step where the event happened (TTFT of a request prefilled in its arrival
+  step = 1); ``queue_delay_steps`` counts the steps it waited before one scheduled it (0 if
+  scheduled in its arrival step); ``tpot_steps`` is (finish step - first-token step) /
+  (output tokens - 1), 1.0 for a request that decoded every step.
+- ``throughput_rps`` / ``output_tps``: finished requests / their output tokens per second of
+  the run, from the first arrival to the last finish.
+- ``goodput``: requests that finished within every SLO bound given (inclusive, e.g.
+  TTFT <= 1 s and TPOT <= 0.1 s); ``goodput_share`` of all requests and ``goodput_rps`` per
+  second. Failed and cancelled requests never count as good; a one-token request has no
+  TPOT and cannot violate a TPOT bound (vLLM counts its TPOT as 0).
+- ``service`` per tenant: prompt tokens x 1 (for requests that were ever scheduled) + output
+  tokens x 2 (VTC's default weights, Sheng et al., OSDI 2024). ``service_gap``: the paper's
+  fairness measure, max over tenant pairs and over intervals of consecutive steps in which
+  both tenants have unfinished arrived requests, of |service(a) - service(b)| received in
+  the interval; here a step serves a tenant 1 per prefill (or recomputed) token and 2 per
+  decode token the model processes, as the `fair` scheduler charges. A fair scheduler keeps
+  it bounded.
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ def _stats(values: Iterable[float]) -> dict[str, float]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if v.size == 0:
         return dict.fromkeys(STATISTICS, float("nan")) | {"count": 0}
-    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    # numpy's default (linear interpolation between the closest ranks), as vLLM reports.
+    p50, p90, p99 = (float(p) for p in np.percentile(v, [50, 90, 99]))
     return {"mean": float(v.mean()), "p50": p50, "p90": p90, "p99": p99, "count": int(v.size)}
 
 
@@ -97,15 +108,16 @@ def service_by_tenant(requests: pd.DataFrame) -> pd.Series:
     """Weighted tokens served per tenant (prompt x 1 + output x 2)."""
     if requests.empty:
         return pd.Series(dtype=float)
-    service = (
-        PREFILL_WEIGHT * requests["num_prompt_tokens"]
-        + DECODE_WEIGHT * requests["num_output_tokens"]
-    )
+    prompt = requests["num_prompt_tokens"]
+    if "first_scheduled_time" in requests:
+        # A request never scheduled (cancelled while queued, failed on submit) got no prefill.
+        prompt = prompt.where(requests["first_scheduled_time"].notna(), 0)
+    service = PREFILL_WEIGHT * prompt + DECODE_WEIGHT * requests["num_output_tokens"]
     return service.groupby(requests["tenant"]).sum().astype(float)
 
 
 def service_gap(requests: pd.DataFrame, steps: pd.DataFrame) -> float:
-    """Largest service difference between two tenants over the steps both were backlogged."""
+    """Largest service difference between two tenants over an interval both stayed backlogged."""
     if requests.empty or steps.empty or "request_ids" not in steps or requests.tenant.nunique() < 2:
         return float("nan")
     tenant_of = dict(zip(requests.request_id, requests.tenant, strict=True))
@@ -132,12 +144,20 @@ def service_gap(requests: pd.DataFrame, steps: pd.DataFrame) -> float:
         if np.isfinite(start):
             stop = int(end) + 1 if np.isfinite(end) else num_steps
             backlog[int(start) : stop, index[tenant]] = True
+    # Sheng et al.'s measure: over any interval in which both stay backlogged, the spread
+    # (max - min) of the running difference of their service. A difference does not carry
+    # from one backlogged interval to the next: VTC lifts a returning tenant's counter.
     gap = 0.0
     for a, b in combinations(range(len(tenants)), 2):
         both = backlog[:, a] & backlog[:, b]
-        if both.any():
-            diff = np.cumsum(np.where(both, served[:, a] - served[:, b], 0.0))
-            gap = max(gap, float(np.abs(diff).max()))
+        running = low = high = 0.0
+        for step in range(num_steps):
+            if not both[step]:
+                running = low = high = 0.0
+                continue
+            running += served[step, a] - served[step, b]
+            low, high = min(low, running), max(high, running)
+            gap = max(gap, high - low)
     return gap
 
 
@@ -155,12 +175,13 @@ def metrics_table(
     rows: dict[str, dict] = {}
     if df.empty:
         return pd.DataFrame(columns=[*STATISTICS, "count"])
-    itl = [g for r in df["request_id"] for g in np.diff(token_times.get(r, ()))]
+    finished = df[df["state"] == "finished"]
+    itl = [g for r in finished["request_id"] for g in np.diff(token_times.get(r, ()))]
     for name in LATENCIES:
-        rows[name] = _stats(itl if name == "itl" else df[name])
+        rows[name] = _stats(itl if name == "itl" else finished[name])
     for name in STEP_LATENCIES:
         if name in df:
-            rows[name] = _stats(df[name])
+            rows[name] = _stats(finished[name])
     for name, value in scalars(df, steps, slo).items():
         rows[name] = {"mean": value, "count": len(df)}
     table = pd.DataFrame.from_dict(rows, orient="index")[[*STATISTICS, "count"]]

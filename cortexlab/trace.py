@@ -71,6 +71,7 @@ class Trace:
         self._steps: dict[int, dict] = {}
         self._requests: dict = {}
         self._token_times: dict = {}
+        self._output_token_ids: dict = {}
         self.events: list = []
 
     @property
@@ -97,6 +98,7 @@ class Trace:
         self._requests[rid] = request_row(request) | steps
         if event.name == "request.finished":
             self._token_times[rid] = tuple(request.token_times)
+            self._output_token_ids[rid] = tuple(request.output_token_ids)
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -116,6 +118,12 @@ class Trace:
     def token_times(self) -> dict:
         """Per finished request id: the engine-clock time of each output token."""
         return dict(self._token_times)
+
+    @property
+    def output_token_ids(self) -> dict:
+        """Per finished request id: its generated token ids (to check that two policies
+        produced the same outputs)."""
+        return dict(self._output_token_ids)
 
     def metrics(self, slo: Mapping[str, float] | None = None) -> pd.DataFrame:
         """One row per statistic (mean, p50, p90, p99): latencies in seconds and in steps,
