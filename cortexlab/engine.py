@@ -252,6 +252,8 @@ class Engine(Serving):
             arrival = now if arrival_time is None else max(float(arrival_time), now)
             request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival)
             reason = self._why_impossible(request)
+            if reason is not None:
+                request.arrival_time = now  # it fails now, so it arrives now
             self._active[request_id] = request
             self._num_submitted += 1
             if reason is None and arrival > now:

@@ -234,7 +234,7 @@ def test_goodput_vs_load_one_sorted_line_per_hue():
         {
             "scheduler": ["fcfs", "sjf", "fcfs", "sjf", "fcfs", "sjf"],
             "rate": [4, 4, 1, 1, 2, 2],
-            "goodput": [3.0, 3.5, 1.0, 1.0, 1.9, 2.0],
+            "goodput_rps": [3.0, 3.5, 1.0, 1.0, 1.9, 2.0],
         }
     )
     ax = cl.viz.plot_goodput_vs_load(df)
@@ -258,7 +258,7 @@ def test_metric_bars_grouped_by_policy():
 
 def test_every_plot_draws_into_a_given_axes(trace):
     summary = pd.DataFrame({"ttft_p50": [1.0], "ttft_p99": [2.0]}, index=["fcfs"])
-    sweep = pd.DataFrame({"scheduler": ["fcfs"], "rate": [1.0], "goodput": [1.0]})
+    sweep = pd.DataFrame({"scheduler": ["fcfs"], "rate": [1.0], "goodput_rps": [1.0]})
     calls = [
         lambda ax: cl.viz.plot_gantt(trace, ax=ax),
         lambda ax: cl.viz.plot_batch_composition(trace, ax=ax, by="request"),

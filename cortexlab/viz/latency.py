@@ -55,7 +55,7 @@ def plot_goodput_vs_load(
     df: pd.DataFrame,
     *,
     x: str = "rate",
-    y: str = "goodput",
+    y: str = "goodput_rps",
     hue: str | None = "scheduler",
     ax: Axes | None = None,
 ) -> Axes:
