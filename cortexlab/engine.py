@@ -14,7 +14,7 @@ import numbers
 import threading
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +32,7 @@ from cortexlab.guard import (
     check_engine_options,
     check_positive_int,
     resolve_num_blocks,
+    why_impossible,
 )
 from cortexlab.hooks import HookManager, RequestEvent, StepEvent
 from cortexlab.kv import as_allocator
@@ -40,8 +41,9 @@ from cortexlab.models.base import Model
 from cortexlab.request import (
     FinishReason,
     Request,
+    RequestTable,
     SamplingParams,
-    _is_int,
+    check_stop,
     check_token_ids,
 )
 from cortexlab.runner import RowWork, Runner
@@ -144,10 +146,7 @@ class Engine(Serving):
         self.hook_manager = HookManager()
         self.num_steps = 0
         self.last_batch: Batch | None = None
-        self.max_history = max_history
-        self._active: dict[str | int, Request] = {}  # submitted and not yet ended
-        self._history: OrderedDict[str | int, Request] = OrderedDict()  # the last ended ones
-        self._reserved_ids: set[int] = set()  # explicit int ids the counter must skip
+        self.requests = RequestTable(max_history=max_history)
         self._detokenizers: dict[int, Any] = {}
         self._incoming: deque[Request] = deque()
         # Future arrivals as a heap of (arrival_time, sequence number, request).
@@ -160,7 +159,6 @@ class Engine(Serving):
         # Re-entrant: a hook may submit, and submit fails impossible requests under it.
         self._step_lock = threading.RLock()
         self._progress = threading.Condition()
-        self._next_id = 0
         self._background: threading.Thread | None = None
         self._stop_background = threading.Event()
 
@@ -212,24 +210,6 @@ class Engine(Serving):
             return check_token_ids(ids, self.model.vocab_size), prompt
         return check_token_ids(prompt, self.model.vocab_size), None
 
-    def _claim_id(self, request_id: str | int | None) -> str | int:
-        if request_id is None:
-            # Skip ids a caller chose explicitly, so automatic ids never collide with them.
-            while self._next_id in self._reserved_ids:
-                self._reserved_ids.discard(self._next_id)
-                self._next_id += 1
-            self._next_id += 1
-            return self._next_id - 1
-        if not (isinstance(request_id, str) or _is_int(request_id)):
-            raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
-        if _is_int(request_id):
-            request_id = int(request_id)
-        if request_id in self._active or request_id in self._history:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if isinstance(request_id, int) and request_id >= self._next_id:
-            self._reserved_ids.add(request_id)
-        return request_id
-
     def _submit(
         self,
         token_ids: list[int],
@@ -247,14 +227,14 @@ class Engine(Serving):
         ):
             raise ValueError(f"arrival_time must be a finite float >= 0, got {arrival_time!r}")
         with self._lock:
-            request_id = self._claim_id(request_id)
+            request_id = self.requests.claim_id(request_id)
             now = self.clock.now()
             arrival = now if arrival_time is None else max(float(arrival_time), now)
             request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival)
-            reason = self._why_impossible(request)
+            reason = why_impossible(request, self.model, self.config, self.allocator)
             if reason is not None:
                 request.arrival_time = now  # it fails now, so it arrives now
-            self._active[request_id] = request
+            self.requests.add(request)
             self._num_submitted += 1
             if reason is None and arrival > now:
                 heapq.heappush(self._pending, (arrival, self._num_submitted, request))
@@ -266,32 +246,6 @@ class Engine(Serving):
                 self._end(request, FinishReason.ERROR, self.clock.now(), message=reason)
             self._notify()
         return request
-
-    def _why_impossible(self, request: Request) -> str | None:
-        if request.max_num_tokens > self.model.max_context:
-            return (
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.params.max_tokens}) = {request.max_num_tokens} exceeds the model's "
-                f"context of {self.model.max_context} tokens"
-            )
-        budget = self.config.max_num_batched_tokens
-        if not self.config.enable_chunked_prefill and request.num_prompt_tokens > budget:
-            return (
-                f"the prompt ({request.num_prompt_tokens} tokens) exceeds "
-                f"max_num_batched_tokens={budget} and enable_chunked_prefill is False, so it "
-                f"can never be scheduled"
-            )
-        try:
-            fits = self.allocator.can_ever_fit(request)
-        except Exception as exc:
-            return f"{type(self.allocator).__name__}.can_ever_fit raised {exc!r}"
-        if not fits:
-            return (
-                f"prompt + max_tokens = {request.max_num_tokens} tokens can never fit the KV "
-                f"arena ({self.allocator.num_blocks} blocks x {self.allocator.block_size} "
-                f"slots, {type(self.allocator).__name__})"
-            )
-        return None
 
     def cancel(self, request: Request | str | int) -> None:
         """Cancel a request; takes effect at the next step (thread-safe; no-op once ended)."""
@@ -458,7 +412,12 @@ class Engine(Serving):
                 request.append_token(token, now)
                 if request.num_output_tokens == 1:
                     self._fire_request("request.first_token", request)
-                reason = self._check_stop(request, token)
+                reason = check_stop(
+                    request,
+                    token,
+                    self._detokenizers[id(request)],
+                    self.model.tokenizer.eos_token_ids,
+                )
             except Exception as exc:  # one request's bad token text must not stop the rest
                 failure = failure or StepError(f"request {request.request_id!r}: {exc!r}")
                 failure.__cause__ = exc
@@ -518,27 +477,6 @@ class Engine(Serving):
         self.num_steps += 1
         self._notify()
 
-    def _check_stop(self, request: Request, token: int) -> FinishReason | None:
-        params = request.params
-        is_eos = not params.ignore_eos and token in self.model.tokenizer.eos_token_ids
-        detok = self._detokenizers[id(request)]
-        if is_eos or token in params.stop_token_ids:
-            request.text += detok.finalize()
-            return FinishReason.STOP
-        before = len(request.text)
-        request.text += detok.add_token(token)
-        if params.stop:
-            # Only the new tail can complete a stop string.
-            start = max(0, before - max(len(s) for s in params.stop) + 1)
-            hits = [i for s in params.stop if (i := request.text.find(s, start)) >= 0]
-            if hits:
-                request.text = request.text[: min(hits)]
-                return FinishReason.STOP
-        if request.num_output_tokens >= params.max_tokens:
-            request.text += detok.finalize()
-            return FinishReason.LENGTH
-        return None
-
     def _end(
         self,
         request: Request,
@@ -571,11 +509,7 @@ class Engine(Serving):
         self._detokenizers.pop(id(request), None)
         self._admitted.pop(id(request), None)
         with self._lock:
-            self._active.pop(request.request_id, None)
-            if self.max_history:
-                self._history[request.request_id] = request
-                while len(self._history) > self.max_history:
-                    self._history.popitem(last=False)
+            self.requests.retire(request)
         self._fire_request("request.finished", request)
 
     def _notify(self) -> None:
@@ -586,13 +520,7 @@ class Engine(Serving):
     def get_request(self, request_id: str | int) -> Request:
         """The request submitted under `request_id` (unfinished, or among the last
         `max_history` that ended)."""
-        request = self._active.get(request_id) or self._history.get(request_id)
-        if request is None:
-            raise KeyError(
-                f"request_id {request_id!r} is unknown or no longer kept (the engine keeps "
-                f"the last max_history={self.max_history} finished requests)"
-            )
-        return request
+        return self.requests.get(request_id)
 
     def __repr__(self) -> str:
         return (

@@ -222,6 +222,34 @@ class ProgressWatch:
         return "; ".join(words)
 
 
+def why_impossible(request: Request, model: Any, config: Any, allocator: Any) -> str | None:
+    """Why `request` can never run under this engine's configuration, or None if it can."""
+    if request.max_num_tokens > model.max_context:
+        return (
+            f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+            f"({request.params.max_tokens}) = {request.max_num_tokens} exceeds the model's "
+            f"context of {model.max_context} tokens"
+        )
+    budget = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill and request.num_prompt_tokens > budget:
+        return (
+            f"the prompt ({request.num_prompt_tokens} tokens) exceeds "
+            f"max_num_batched_tokens={budget} and enable_chunked_prefill is False, so it "
+            f"can never be scheduled"
+        )
+    try:
+        fits = allocator.can_ever_fit(request)
+    except Exception as exc:
+        return f"{type(allocator).__name__}.can_ever_fit raised {exc!r}"
+    if not fits:
+        return (
+            f"prompt + max_tokens = {request.max_num_tokens} tokens can never fit the KV "
+            f"arena ({allocator.num_blocks} blocks x {allocator.block_size} "
+            f"slots, {type(allocator).__name__})"
+        )
+    return None
+
+
 # -- configuration limits ------------------------------------------------------------------
 
 # MLX array dimensions and the arena's row indices are 32-bit.

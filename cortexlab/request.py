@@ -11,6 +11,7 @@ import math
 import numbers
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -389,3 +390,85 @@ class Request:
             for k, v in rows.items()
         )
         return f"<table>{body}</table>"
+
+
+def check_stop(request: Request, token: int, detokenizer, eos_token_ids) -> FinishReason | None:
+    """After `token` was appended: extend the request's text; why it stops now, or None.
+
+    EOS (unless ``ignore_eos``) and stop token ids end it with the token kept; a stop string
+    ends it with the text cut before the string; ``max_tokens`` ends it at the limit.
+    """
+    params = request.params
+    is_eos = not params.ignore_eos and token in eos_token_ids
+    if is_eos or token in params.stop_token_ids:
+        request.text += detokenizer.finalize()
+        return FinishReason.STOP
+    before = len(request.text)
+    request.text += detokenizer.add_token(token)
+    if params.stop:
+        # Only the new tail can complete a stop string.
+        start = max(0, before - max(len(s) for s in params.stop) + 1)
+        hits = [i for s in params.stop if (i := request.text.find(s, start)) >= 0]
+        if hits:
+            request.text = request.text[: min(hits)]
+            return FinishReason.STOP
+    if request.num_output_tokens >= params.max_tokens:
+        request.text += detokenizer.finalize()
+        return FinishReason.LENGTH
+    return None
+
+
+class RequestTable:
+    """Requests by id: the unfinished ones, and a bounded history of those that ended.
+
+    Automatic ids count up from 0 and skip any int id a caller chose, so the two never
+    collide. Ended requests beyond the last `max_history` are forgotten (the engine's memory
+    stays flat); their ids may then be reused explicitly.
+    """
+
+    def __init__(self, *, max_history: int) -> None:
+        self.max_history = max_history
+        self.active: dict[str | int, Request] = {}
+        self.history: OrderedDict[str | int, Request] = OrderedDict()
+        self._reserved: set[int] = set()  # explicit int ids the counter must skip
+        self._next_id = 0
+
+    def claim_id(self, request_id: str | int | None) -> str | int:
+        """A fresh automatic id, or `request_id` checked to be free."""
+        if request_id is None:
+            while self._next_id in self._reserved:
+                self._reserved.discard(self._next_id)
+                self._next_id += 1
+            self._next_id += 1
+            return self._next_id - 1
+        if not (isinstance(request_id, str) or _is_int(request_id)):
+            raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
+        if _is_int(request_id):
+            request_id = int(request_id)
+        if request_id in self.active or request_id in self.history:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(request_id, int) and request_id >= self._next_id:
+            self._reserved.add(request_id)
+        return request_id
+
+    def add(self, request: Request) -> None:
+        """Track a submitted request."""
+        self.active[request.request_id] = request
+
+    def retire(self, request: Request) -> None:
+        """Move an ended request to the history, forgetting the oldest beyond max_history."""
+        self.active.pop(request.request_id, None)
+        if self.max_history:
+            self.history[request.request_id] = request
+            while len(self.history) > self.max_history:
+                self.history.popitem(last=False)
+
+    def get(self, request_id: str | int) -> Request:
+        """The request under `request_id`, or KeyError saying why it is not known."""
+        request = self.active.get(request_id) or self.history.get(request_id)
+        if request is None:
+            raise KeyError(
+                f"request_id {request_id!r} is unknown or no longer kept (the engine keeps "
+                f"the last max_history={self.max_history} finished requests)"
+            )
+        return request

@@ -560,7 +560,8 @@ def test_memory_stays_flat_over_20000_requests(tiny):
     rss_20k, objects_20k = run(0)
     assert objects_20k - objects_2k < 5_000, (objects_2k, objects_20k)
     assert rss_20k - rss_2k < 32 * 2**20, (rss_2k, rss_20k)
-    assert len(engine._history) == engine.max_history and not engine._active
+    assert len(engine.requests.history) == engine.requests.max_history
+    assert not engine.requests.active
     assert_all_free(engine)
 
 
