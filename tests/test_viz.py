@@ -244,6 +244,24 @@ def test_goodput_vs_load_one_sorted_line_per_hue():
     assert ax.get_xlabel() == "arrival rate (req/s)" and ax.get_ylabel() == "goodput (req/s)"
 
 
+def test_goodput_vs_load_plots_a_real_sweep_with_its_defaults(tiny):
+    workload = cl.workloads.poisson(4.0, num_requests=3, prompt_len=8, output_len=2, seed=0)
+    loads = cl.sweep(
+        tiny,
+        workload,
+        schedulers=["fcfs", "sjf"],
+        rates=[2.0, 4.0],
+        slo={"ttft": 10.0},
+        cache_dir=None,
+        progress=False,
+    )
+    ax = cl.viz.plot_goodput_vs_load(loads)
+    assert [ln.get_label() for ln in ax.lines] == ["fcfs", "sjf"]
+    share = cl.viz.plot_goodput_vs_load(loads, y="goodput_share")
+    assert share.get_ylabel() == "share of requests within the SLO (fraction)"
+    assert list(share.lines[0].get_ydata()) == [1.0, 1.0]
+
+
 def test_metric_bars_grouped_by_policy():
     summary = pd.DataFrame(
         {"ttft_p50": [0.1, 0.08], "ttft_p99": [0.5, 0.3], "extra": [1, 2]},

@@ -60,7 +60,7 @@ def plot_goodput_vs_load(
     ax: Axes | None = None,
 ) -> Axes:
     """One line per `hue` value of `y` against `x`, from a sweep's summary (one row per
-    configuration)."""
+    configuration; `cl.sweep` with an SLO gives `goodput_rps` and `goodput_share`)."""
     columns = [c for c in (x, y, hue) if c is not None]
     missing = [c for c in columns if c not in df.columns]
     if missing:

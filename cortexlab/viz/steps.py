@@ -128,7 +128,9 @@ def plot_cache_occupancy(
         twin.set(ylabel="utilization (holding / all slots)", ylim=(0, 1))
         handles += twin.get_legend_handles_labels()[0]
         labels += ["utilization"]
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize="small")
+    # Outside the plot, past the twin axis's labels when there is one.
+    anchor = (1.12 if utilization else 1.01, 1.0)
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=anchor, fontsize="small")
     return ax
 
 
