@@ -173,6 +173,13 @@ class Comparison:
     def __getitem__(self, name: str) -> Run:
         return self.runs[name]
 
+    def __or__(self, other: Comparison) -> Comparison:
+        """Both comparisons' runs (e.g. built-ins | a policy compared later); names must differ."""
+        clash = set(self.runs) & set(other.runs)
+        if clash:
+            raise ValueError(f"both comparisons have runs named {sorted(clash)}")
+        return Comparison({**self.runs, **other.runs}, self.slo or other.slo)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.runs)
 
@@ -408,7 +415,7 @@ def sweep(
                 "scheduler": label(scheduler),
                 "rate": rate if rate is not None else wl.rate,
                 "allocator": label(allocator),
-                "seed": seed,
+                "seed": wl.seed if isinstance(workload, Workload) else seed,
                 "config": key,
                 **summary,
             }

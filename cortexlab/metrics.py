@@ -1,7 +1,9 @@
 """Serving metrics, defined once: latencies, throughput, goodput under an SLO, fairness.
 
-Definitions (seconds on the engine clock; "steps" variants count engine steps, which are
-deterministic where seconds are noisy). They match vLLM's benchmark definitions where the
+Definitions (seconds on the engine clock; "steps" variants count engine steps). Step counts
+are deterministic when arrivals do not depend on timing (a burst, or requests submitted
+between steps); with timed arrivals on the measured clock, the step a request arrives in
+depends on how long earlier steps took, so they move by a step or so run to run. They match vLLM's benchmark definitions where the
 two overlap (TTFT, TPOT, ITL, E2E, request and output-token throughput, goodput):
 
 - ``queue_delay``: arrival -> first scheduled.

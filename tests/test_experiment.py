@@ -334,3 +334,13 @@ def test_label_names_policies():
     assert experiment.label(SJFScheduler()) == "sjf"
     assert experiment.label(my_fcfs) == "my_fcfs"
     assert experiment.label(cl.schedulers.FunctionScheduler(my_fcfs)) == "my_fcfs"
+
+
+def test_comparisons_combine_with_or(tiny):
+    wl = cl.workloads.burst(4, seed=0)
+    first = cl.compare(tiny, wl, ["fcfs"], progress=False)
+    second = cl.compare(tiny, wl, ["sjf"], progress=False)
+    both = first | second
+    assert list(both.summary.index) == ["fcfs", "sjf"]
+    with pytest.raises(ValueError, match="both comparisons have runs named \\['fcfs'\\]"):
+        first | first
