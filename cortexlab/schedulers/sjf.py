@@ -18,8 +18,12 @@ MODES = ("oracle", "predicted")
 class SJFScheduler(RankedScheduler):
     """Shortest remaining job first (Smith 1956; Schrage 1968 for the preemptive SRPT form).
 
-    A job's remaining work is its uncomputed tokens (prompt, or prompt and outputs after a
-    recompute preemption) plus the output tokens it still has to generate. In `oracle`
+    A job's size is the output tokens it still has to generate, then (to break ties) its
+    uncomputed tokens: each output token costs an engine step, while a prompt is prefilled
+    in one step or a few chunks alongside other work, so output length is what decides how
+    long a job holds its seat (the same ordering Qiu et al. 2024 and Fu et al. 2024 use for
+    LLM serving; ranking by prompt + output tokens lets long prompts with short answers
+    wait behind short prompts with long answers). In `oracle`
     mode the output length is `params.max_tokens`, exact for workloads, which run with
     ``ignore_eos=True``. In `predicted` mode it is `predictor(request)`, called once per
     request when first seen, as a learned length predictor would be (e.g. Qiu et al. 2024,
@@ -81,10 +85,9 @@ class SJFScheduler(RankedScheduler):
         return predicted
 
     def remaining(self, request: Request) -> float:
-        """Tokens left to process: uncomputed ones plus outputs still to generate."""
-        num_left = max(self.output_length(request) - request.num_output_tokens, 0)
-        return request.num_uncomputed_tokens + num_left
+        """Output tokens still to generate (by the oracle or the prediction)."""
+        return max(self.output_length(request) - request.num_output_tokens, 0)
 
-    def rank(self, request: Request) -> tuple[float, float]:
-        """(remaining work, arrival time): lower runs first."""
-        return self.remaining(request), request.arrival_time
+    def rank(self, request: Request) -> tuple[float, int, float]:
+        """(outputs left, uncomputed tokens, arrival time): lower runs first."""
+        return self.remaining(request), request.num_uncomputed_tokens, request.arrival_time
