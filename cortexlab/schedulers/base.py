@@ -175,6 +175,52 @@ class BaseScheduler:
         state.allocator.append(request, total)
         return True
 
+    def continue_running(
+        self,
+        state: SchedulerState,
+        batch: Batch,
+        budget: int,
+        order: list[Request] | None = None,
+        on_scheduled: Callable[[Request, int], None] | None = None,
+    ) -> int:
+        """Give running requests (oldest first, or in `order`) their next tokens within
+        `budget`, preempting while memory is short; `on_scheduled(request, n)` sees each as
+        it joins the batch. Returns the budget left."""
+        for request in list(state.running if order is None else order):
+            if budget == 0:
+                break
+            if request not in state.running:
+                continue  # preempted earlier in this loop
+            n = self.chunk(state, request, budget)
+            if n and self.reserve(state, request, n, batch):
+                batch.add(request, n)
+                budget -= n
+                if on_scheduled is not None:
+                    on_scheduled(request, n)
+        return budget
+
+    def admit_in_order(
+        self,
+        state: SchedulerState,
+        batch: Batch,
+        budget: int,
+        *,
+        max_num_running: int | None = None,
+    ) -> int:
+        """Admit waiting requests in queue order until one does not fit (no overtaking);
+        returns the budget left."""
+        limit = state.config.max_num_seqs if max_num_running is None else max_num_running
+        for request in list(state.waiting):
+            if budget == 0 or len(state.running) >= limit:
+                break
+            n = self.chunk(state, request, budget)
+            if not n or not state.allocator.can_allocate(request, n):
+                break
+            self.admit(state, request, n)
+            batch.add(request, n)
+            budget -= n
+        return budget
+
     def chunk(self, state: SchedulerState, request: Request, budget: int) -> int:
         """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step).
 

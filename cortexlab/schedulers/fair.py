@@ -84,17 +84,9 @@ class VTCScheduler(BaseScheduler):
         running_tenants = {r.params.tenant for r in state.running}
         self._lift(queues, running_tenants)
         batch = Batch()
-        budget = state.config.max_num_batched_tokens
-        for request in list(state.running):
-            if budget == 0:
-                break
-            if request not in state.running:
-                continue  # preempted earlier in this loop
-            n = self.chunk(state, request, budget)
-            if n and self.reserve(state, request, n, batch):
-                self.charge(request, n)
-                batch.add(request, n)
-                budget -= n
+        budget = self.continue_running(
+            state, batch, state.config.max_num_batched_tokens, on_scheduled=self.charge
+        )
         if not batch.preempted:
             heads = {tenant: 0 for tenant in queues}  # index of each tenant's next request
             while heads and budget and len(state.running) < state.config.max_num_seqs:

@@ -17,25 +17,7 @@ class FCFSScheduler(BaseScheduler):
     def schedule(self, state: SchedulerState) -> Batch:
         """This step's batch under the token budget and sequence limit."""
         batch = Batch()
-        budget = state.config.max_num_batched_tokens
-        for request in list(state.running):
-            if budget == 0:
-                break
-            if request not in state.running:
-                continue  # preempted earlier in this loop
-            n = self.chunk(state, request, budget)
-            if n and self.reserve(state, request, n, batch):
-                batch.add(request, n)
-                budget -= n
-        if batch.preempted:
-            return batch  # memory is short: admit nobody new this step
-        for request in list(state.waiting):
-            if budget == 0 or len(state.running) >= state.config.max_num_seqs:
-                break
-            n = self.chunk(state, request, budget)
-            if not n or not state.allocator.can_allocate(request, n):
-                break
-            self.admit(state, request, n)
-            batch.add(request, n)
-            budget -= n
+        budget = self.continue_running(state, batch, state.config.max_num_batched_tokens)
+        if not batch.preempted:  # memory is short: admit nobody new this step
+            self.admit_in_order(state, batch, budget)
         return batch

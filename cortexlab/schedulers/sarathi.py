@@ -55,17 +55,12 @@ class SarathiScheduler(BaseScheduler):
         # The admission rule below keeps len(running) <= budget, so decodes always fit.
         decodes = [r for r in state.running if not r.is_prefill]
         prefills = [r for r in state.running if r.is_prefill]
-        for request in (*decodes, *prefills):
-            if budget == 0:
-                break
-            if request not in state.running:
-                continue  # preempted earlier in this loop
-            n = self.chunk(state, request, budget)  # 1 for a decode
-            if n and self.reserve(state, request, n, batch):
-                batch.add(request, n)
-                budget -= n
-        if batch.preempted:
-            return batch  # memory is short: admit nobody new this step
+        budget = self.continue_running(state, batch, budget, order=[*decodes, *prefills])
+        if not batch.preempted:  # memory is short: admit nobody new this step
+            # At most one running request per budget token, so every decode fits next step.
+            max_num_running = min(state.config.max_num_seqs, self.budget(state))
+            self.admit_in_order(state, batch, budget, max_num_running=max_num_running)
+        return batch  # memory is short: admit nobody new this step
         max_num_running = min(state.config.max_num_seqs, self.budget(state))
         for request in list(state.waiting):
             if budget == 0 or len(state.running) >= max_num_running:

@@ -138,97 +138,22 @@ def generate(
     )
 
 
-def poisson(
-    rate: float,
-    *,
-    num_requests: int = DEFAULT_NUM_REQUESTS,
-    prompt_len: Length = DEFAULT_PROMPT_LEN,
-    output_len: Length = DEFAULT_OUTPUT_LEN,
-    tenants: Weights = None,
-    priorities: Weights = None,
-    system_prompt_len: int = 0,
-    seed: int = 0,
-) -> Workload:
-    """Poisson arrivals at `rate` requests per second; options as for `generate`."""
-    return generate(
-        Poisson(rate),
-        num_requests=num_requests,
-        prompt_len=prompt_len,
-        output_len=output_len,
-        tenants=tenants,
-        priorities=priorities,
-        system_prompt_len=system_prompt_len,
-        seed=seed,
-    )
+def poisson(rate: float, **options: Any) -> Workload:
+    """Poisson arrivals at `rate` requests per second; `options` as for `generate`."""
+    return generate(Poisson(rate), **options)
 
 
-def gamma(
-    rate: float,
-    cv: float,
-    *,
-    num_requests: int = DEFAULT_NUM_REQUESTS,
-    prompt_len: Length = DEFAULT_PROMPT_LEN,
-    output_len: Length = DEFAULT_OUTPUT_LEN,
-    tenants: Weights = None,
-    priorities: Weights = None,
-    system_prompt_len: int = 0,
-    seed: int = 0,
-) -> Workload:
-    """Gamma gaps at mean `rate`/s with coefficient of variation `cv` (> 1: bursty)."""
-    return generate(
-        Gamma(rate, cv),
-        num_requests=num_requests,
-        prompt_len=prompt_len,
-        output_len=output_len,
-        tenants=tenants,
-        priorities=priorities,
-        system_prompt_len=system_prompt_len,
-        seed=seed,
-    )
+def gamma(rate: float, cv: float, **options: Any) -> Workload:
+    """Gamma gaps at mean `rate`/s with coefficient of variation `cv` (> 1: bursty); `options`
+    as for `generate`."""
+    return generate(Gamma(rate, cv), **options)
 
 
-def constant(
-    rate: float,
-    *,
-    num_requests: int = DEFAULT_NUM_REQUESTS,
-    prompt_len: Length = DEFAULT_PROMPT_LEN,
-    output_len: Length = DEFAULT_OUTPUT_LEN,
-    tenants: Weights = None,
-    priorities: Weights = None,
-    system_prompt_len: int = 0,
-    seed: int = 0,
-) -> Workload:
-    """One arrival every 1 / `rate` seconds; options as for `generate`."""
-    return generate(
-        Constant(rate),
-        num_requests=num_requests,
-        prompt_len=prompt_len,
-        output_len=output_len,
-        tenants=tenants,
-        priorities=priorities,
-        system_prompt_len=system_prompt_len,
-        seed=seed,
-    )
+def constant(rate: float, **options: Any) -> Workload:
+    """One arrival every 1 / `rate` seconds; `options` as for `generate`."""
+    return generate(Constant(rate), **options)
 
 
-def burst(
-    num_requests: int = DEFAULT_NUM_REQUESTS,
-    *,
-    prompt_len: Length = DEFAULT_PROMPT_LEN,
-    output_len: Length = DEFAULT_OUTPUT_LEN,
-    tenants: Weights = None,
-    priorities: Weights = None,
-    system_prompt_len: int = 0,
-    seed: int = 0,
-) -> Workload:
-    """Every request arrives at time 0 (offline batch); options as for `generate`."""
-    return generate(
-        AllAtOnce(),
-        num_requests=num_requests,
-        prompt_len=prompt_len,
-        output_len=output_len,
-        tenants=tenants,
-        priorities=priorities,
-        system_prompt_len=system_prompt_len,
-        seed=seed,
-    )
+def burst(num_requests: int = DEFAULT_NUM_REQUESTS, **options: Any) -> Workload:
+    """Every request arrives at time 0 (an offline batch); `options` as for `generate`."""
+    return generate(AllAtOnce(), num_requests=num_requests, **options)
