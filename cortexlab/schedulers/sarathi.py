@@ -60,15 +60,4 @@ class SarathiScheduler(BaseScheduler):
             # At most one running request per budget token, so every decode fits next step.
             max_num_running = min(state.config.max_num_seqs, self.budget(state))
             self.admit_in_order(state, batch, budget, max_num_running=max_num_running)
-        return batch  # memory is short: admit nobody new this step
-        max_num_running = min(state.config.max_num_seqs, self.budget(state))
-        for request in list(state.waiting):
-            if budget == 0 or len(state.running) >= max_num_running:
-                break
-            n = self.chunk(state, request, budget)
-            if not n or not state.allocator.can_allocate(request, n):
-                break
-            self.admit(state, request, n)
-            batch.add(request, n)
-            budget -= n
         return batch
