@@ -106,6 +106,11 @@ def main() -> int:
     parser.add_argument("--loads", default="0.5,1,2", help="rate multipliers (default: 0.5,1,2)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     parser.add_argument("--out", default="results", help="output folder (default: results)")
+    parser.add_argument(
+        "--scenarios",
+        default="sjf_vs_fcfs,sarathi_vs_fcfs,fair_vs_fcfs",
+        help="comma-separated scenario names (default: all three)",
+    )
     args = parser.parse_args()
     cl.seed(args.seed)
     model = cl.load_model(args.model)
@@ -113,7 +118,8 @@ def main() -> int:
     folder = Path(args.out) / "scheduler_study"
     folder.mkdir(parents=True, exist_ok=True)
     rows, figures = [], {}
-    for sc in scenarios(args.quick):
+    chosen = args.scenarios.split(",")
+    for sc in [sc for sc in scenarios(args.quick) if sc["name"] in chosen]:
         table = cl.sweep(
             model,
             sc["workload"],
