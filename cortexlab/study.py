@@ -40,7 +40,7 @@ class CompareOptions:
     schedulers: tuple[str, ...] = ("fcfs", "sjf", "mlfq", "sarathi", "fair")
     allocator: str = "paged"
     workload: str = "gamma"  # or a replay CSV path
-    rate: float = 2.0
+    rate: float = 6.0
     cv: float = 2.0
     loads: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_requests: int = 16
