@@ -79,7 +79,7 @@ def test_info(capsys):
 
 def test_compare_writes_results(tmp_path, capsys):
     argv = ["compare", "--model", "tiny-random", "--out", str(tmp_path), "--name", "t"]
-    argv += ["--schedulers", "fcfs,sjf", "--num-requests", "6", "--loads", "1,2"]
+    argv += ["--schedulers", "fcfs,sjf", "--num-requests", "6", "--loads", "1,2", "--rate", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "fcfs" in out and "sjf" in out and "report:" in out
