@@ -1,0 +1,32 @@
+"""Presence penalty: subtract a constant from every token generated at least once.
+
+Source: OpenAI API (``logits[j] -= presence_penalty * (count[j] > 0)``, counts over the
+generated tokens only); vLLM. Applies to greedy rows too.
+"""
+
+from __future__ import annotations
+
+from cortexlab.request import SamplingParams
+from cortexlab.sampling.base import SamplingBatch, register, update_at
+
+import mlx.core as mx
+
+
+@register("presence_penalty")
+class PresencePenalty:
+    """Processor: ``-presence_penalty`` at each distinct generated token."""
+
+    def is_active(self, params: SamplingParams) -> bool:
+        """Rows with presence_penalty != 0."""
+        return params.presence_penalty != 0.0
+
+    def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
+        """Penalised logits ``[b, V]``."""
+        rows, cols, values = [], [], []
+        for i, (params, state) in enumerate(zip(batch.params, batch.states, strict=True)):
+            if self.is_active(params):
+                ids, _ = state.output_counts()
+                rows += [i] * len(ids)
+                cols += ids.tolist()
+                values += [-params.presence_penalty] * len(ids)
+        return update_at(logits, rows, cols, values, add=True)
