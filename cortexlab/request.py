@@ -242,7 +242,8 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             ids = _token_ids("allowed_token_ids", self.allowed_token_ids, "None or a non-empty")
             if not ids:
-                raise _fail("allowed_token_ids", "None or a non-empty list/tuple of ints >= 0", ids)
+                rule = "None or a non-empty list/tuple of ints >= 0"
+                raise _fail("allowed_token_ids", rule, self.allowed_token_ids)
             put("allowed_token_ids", ids)
         put("banned_token_ids", _token_ids("banned_token_ids", self.banned_token_ids))
         rule = f"an int in [0, max_tokens={self.max_tokens}]"
@@ -302,8 +303,9 @@ class SamplingParams:
 
         try:
             return check_order(order)
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"SamplingParams.order: {str(exc).strip(chr(34))}") from None
+        except ValueError as exc:
+            rule = f"None, a preset name or a list of stages ({exc})"
+            raise _fail("order", rule, order) from None
 
     @property
     def is_greedy(self) -> bool:

@@ -271,13 +271,14 @@ def _group(x, batch: SamplingBatch, rows, pipeline, is_greedy: bool, record: boo
     group.detail_rows = [j for j, p in enumerate(batch.params) if p.logprobs is not None]
     if group.detail_rows:
         k = max(batch.params[j].logprobs for j in group.detail_rows)
-        arrays = (final, x, selection.tokens)
+        arrays, facts_batch = (final, x, selection.tokens), batch
         if len(group.detail_rows) < len(rows):
             index = mx.array(group.detail_rows)
             arrays = tuple(mx.take(a, index, axis=0) for a in arrays)
-        group.details = metadata.token_details(*arrays, k)
+            facts_batch = batch.rows(group.detail_rows)
+        group.details = metadata.token_details(facts_batch, *arrays, k)
     if record:
-        group.summary = metadata.stage_summaries(recorded)
+        group.summary = metadata.stage_summaries(batch, recorded)
     return group
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cortexlab.sampling.base import SamplingBatch, exp, mask
+from cortexlab.sampling.base import SamplingBatch, exp, mask, row_sum
 
 import mlx.core as mx
 
@@ -69,28 +69,28 @@ def weights(batch: SamplingBatch, x: mx.array) -> mx.array:
 
 def log_normaliser(batch: SamplingBatch, x: mx.array) -> mx.array:
     """``logsumexp(x)`` per row ``[b, 1]``; ``x - log_normaliser`` are log-probabilities."""
-    known = facts(batch, x)
     key = ("lse", id(x))
     if key not in batch.scratch:
-        total = weights(batch, x).sum(axis=-1, keepdims=True)
-        batch.scratch[key] = known.max + mx.log(total)
+        total = row_sum(weights(batch, x))
+        batch.scratch[key] = row_max(batch, x) + mx.log(total)
     return batch.scratch[key]
 
 
 def entropy(batch: SamplingBatch, x: mx.array) -> mx.array:
     """Shannon entropy (nats) of softmax(x) per row ``[b, 1]``."""
     w = weights(batch, x)
-    total = w.sum(axis=-1, keepdims=True)
+    total = row_sum(w)
     shifted = mx.maximum(x - row_max(batch, x), _CLAMP)
-    return mx.log(total) - (w * shifted).sum(axis=-1, keepdims=True) / total
+    return mx.log(total) - row_sum(w * shifted) / total
 
 
 def top_candidates(x: mx.array, num: int) -> tuple[mx.array, mx.array]:
     """The `num` largest entries per row, descending: ids ``[b, num]`` and values."""
     rows, vocab_size = x.shape
     if num >= vocab_size:
-        index = mx.argsort(-x, axis=-1)
-    elif vocab_size >= 4 * num * _BLOCK:
+        index = mx.argsort(-x, axis=-1).astype(mx.int32)
+        return index, mx.take_along_axis(x, index, axis=-1)
+    if vocab_size >= 4 * num * _BLOCK:
         # Two levels: the top `num` entries lie in the `num` blocks with the largest maxima
         # (each of those blocks holds an entry >= the num-th largest block max).
         pad = -vocab_size % _BLOCK

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, register, update_at
+from cortexlab.sampling.presence_penalty import output_entries
 
 import mlx.core as mx
-import numpy as np
 
 
 @register("frequency_penalty")
@@ -23,13 +23,7 @@ class FrequencyPenalty:
 
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """Penalised logits ``[b, V]``."""
-        rows, cols, values = [], [], []
-        for i, (params, state) in enumerate(zip(batch.params, batch.states, strict=True)):
-            if self.is_active(params):
-                ids, counts = state.output_counts()
-                rows += [i] * len(ids)
-                cols += ids.tolist()
-                values.append(-params.frequency_penalty * counts)
-        if not rows:
-            return logits
-        return update_at(logits, rows, cols, mx.array(np.concatenate(values)), add=True)
+        rows, cols, values = output_entries(
+            batch, self.is_active, lambda p, counts: -p.frequency_penalty * counts
+        )
+        return update_at(logits, rows, cols, values, add=True)

@@ -6,59 +6,53 @@
   under the raw model logits, and the k most likely alternatives.
 * ``stage_summaries``: for the ``sampler.distribution`` hook: per stage, how many tokens it
   kept and its top candidates with their probabilities; the final entropy.
+
+Both reuse what the stages already computed (row max, weights, log-normaliser) through
+the batch's facts, so asking costs one or two passes over the vocabulary, not a softmax
+per quantity.
 """
 
 from __future__ import annotations
 
-from cortexlab.sampling.base import exp
+from cortexlab.sampling.base import SamplingBatch, exp
+from cortexlab.sampling.facts import entropy, log_normaliser, top_candidates
 
 import mlx.core as mx
 
 NUM_HOOK_CANDIDATES = 8  # candidates per stage reported to the sampler.distribution hook
 
 
-def log_softmax(x: mx.array) -> mx.array:
-    """``x - logsumexp(x)`` per row, float32 (one exp pass with the fast helper)."""
-    x = x.astype(mx.float32)
-    top = x.max(axis=-1, keepdims=True)
-    return x - (top + mx.log(exp(x - top).sum(axis=-1, keepdims=True)))
-
-
-def top_entries(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """The k largest entries per row, descending: ids ``[b, k]`` and values."""
-    k = min(k, logprobs.shape[-1])
-    if k < logprobs.shape[-1]:
-        ids = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
-    else:
-        ids = mx.broadcast_to(mx.arange(k)[None, :], logprobs.shape)
-    values = mx.take_along_axis(logprobs, ids, axis=-1)
-    order = mx.argsort(-values, axis=-1)
-    return mx.take_along_axis(ids, order, -1), mx.take_along_axis(values, order, -1)
-
-
-def token_details(final: mx.array, raw: mx.array, tokens: mx.array, k: int) -> dict:
+def token_details(
+    batch: SamplingBatch, final: mx.array, raw: mx.array, tokens: mx.array, k: int
+) -> dict:
     """Lazy arrays: logprob, rank, raw_logprob ``[b]``; top_ids / top_logprobs ``[b, k]``."""
+    is_raw = raw is final  # no stage acted: one normaliser serves both
+    final = final if final.dtype == mx.float32 else final.astype(mx.float32)
     chosen = tokens.reshape(-1, 1)
-    final_lp, raw_lp = log_softmax(final), log_softmax(raw)
-    chosen_lp = mx.take_along_axis(final_lp, chosen, axis=-1)
+    lse = log_normaliser(batch, final)
+    raw_lse = lse if is_raw else log_normaliser(batch, raw.astype(mx.float32))
+    value = mx.take_along_axis(final, chosen, axis=-1)
     out = {
-        "logprob": chosen_lp.reshape(-1),
-        "rank": ((final_lp > chosen_lp).sum(axis=-1) + 1).reshape(-1),
-        "raw_logprob": mx.take_along_axis(raw_lp, chosen, axis=-1).reshape(-1),
+        "logprob": (value - lse).reshape(-1),
+        "rank": ((final > value).sum(axis=-1) + 1).reshape(-1),
+        "raw_logprob": (mx.take_along_axis(raw, chosen, axis=-1) - raw_lse).reshape(-1),
     }
     if k > 0:
-        out["top_ids"], out["top_logprobs"] = top_entries(final_lp, k)
+        ids, values = top_candidates(final, k)
+        out["top_ids"], out["top_logprobs"] = ids, values - lse
     return out
 
 
-def stage_summaries(recorded: list[tuple[str, mx.array]]) -> dict:
+def stage_summaries(batch: SamplingBatch, recorded: list[tuple[str, mx.array]]) -> dict:
     """Lazy arrays per recorded stage output: kept counts, top candidates, probabilities;
     plus the entropy (nats) of the last one."""
     out: dict = {"stages": []}
     for name, x in recorded:
-        lp = log_softmax(x)
-        ids, values = top_entries(lp, NUM_HOOK_CANDIDATES)
-        out["stages"].append((name, (x > -mx.inf).sum(axis=-1), ids, exp(values)))
-    lp = log_softmax(recorded[-1][1])
-    out["entropy"] = -(exp(lp) * mx.maximum(lp, -1e30)).sum(axis=-1)
+        x = x if x.dtype == mx.float32 else x.astype(mx.float32)
+        ids, values = top_candidates(x, NUM_HOOK_CANDIDATES)
+        probs = exp(values - log_normaliser(batch, x))
+        out["stages"].append((name, (x > -mx.inf).sum(axis=-1), ids, probs))
+    last = recorded[-1][1]
+    last = last if last.dtype == mx.float32 else last.astype(mx.float32)
+    out["entropy"] = entropy(batch, last).reshape(-1)
     return out

@@ -10,6 +10,21 @@ from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, register, update_at
 
 import mlx.core as mx
+import numpy as np
+
+
+def output_entries(batch: SamplingBatch, is_active, value) -> tuple:
+    """Rows, token ids and ``value(params, counts)`` for every generated token of active rows."""
+    rows, cols, values = [], [], []
+    for i, (params, state) in enumerate(zip(batch.params, batch.states, strict=True)):
+        if is_active(params):
+            ids, counts = state.output_counts()
+            rows.append(np.full(len(ids), i))
+            cols.append(ids)
+            values.append(value(params, counts))
+    if not rows:
+        return [], [], []
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(values)
 
 
 @register("presence_penalty")
@@ -22,11 +37,7 @@ class PresencePenalty:
 
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """Penalised logits ``[b, V]``."""
-        rows, cols, values = [], [], []
-        for i, (params, state) in enumerate(zip(batch.params, batch.states, strict=True)):
-            if self.is_active(params):
-                ids, _ = state.output_counts()
-                rows += [i] * len(ids)
-                cols += ids.tolist()
-                values += [-params.presence_penalty] * len(ids)
+        rows, cols, values = output_entries(
+            batch, self.is_active, lambda p, counts: np.full(len(counts), -p.presence_penalty)
+        )
         return update_at(logits, rows, cols, values, add=True)

@@ -12,6 +12,7 @@ from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, gather_at, register, update_at
 
 import mlx.core as mx
+import numpy as np
 
 
 @register("repetition_penalty")
@@ -27,14 +28,16 @@ class RepetitionPenalty:
         rows, cols, penalties = [], [], []
         for i, (params, state) in enumerate(zip(batch.params, batch.states, strict=True)):
             if self.is_active(params):
-                ids = state.context_ids(params.repetition_window).tolist()
-                rows += [i] * len(ids)
-                cols += ids
-                penalties += [params.repetition_penalty] * len(ids)
-        if not rows:
+                ids = state.context_ids(params.repetition_window)
+                ids = ids[ids < logits.shape[-1]]
+                rows.append(np.full(len(ids), i))
+                cols.append(ids)
+                penalties.append(np.full(len(ids), params.repetition_penalty, np.float32))
+        if not rows or not sum(map(len, rows)):
             return logits
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
         seen = gather_at(logits, rows, cols).astype(mx.float32)
-        penalty = mx.array(penalties, dtype=mx.float32)
-        # The two branches on a handful of entries: mx.where is cheap at this size.
-        return update_at(logits, rows, cols, mx.where(seen < 0, seen * penalty, seen / penalty),
-                         add=False)  # fmt: skip
+        penalty = mx.array(np.concatenate(penalties))
+        # Two branches on a few thousand entries: mx.where is cheap at this size.
+        penalised = mx.where(seen < 0, seen * penalty, seen / penalty)
+        return update_at(logits, rows, cols, penalised, add=False)

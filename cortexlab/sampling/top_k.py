@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import NEG_INF, SamplingBatch, mask, register
-from cortexlab.sampling.facts import candidates, claim, count_kept, derive, is_fast
+from cortexlab.sampling.facts import candidates, claim, derive, is_fast
 
 import mlx.core as mx
 
@@ -46,7 +46,7 @@ class TopK:
         if min(ks) >= vocab_size:
             return logits
         k_max = max(k for k in ks if k < vocab_size)
-        if not (is_fast(batch, logits) and k_max <= batch.num_candidates):
+        if not (is_fast(batch, logits) and k_max < batch.num_candidates):
             kth = kth_largest(logits, ks)
             return derive(batch, logits, mask(logits, logits < kth), threshold=kth)
         # The k-th value is read off the shared top-C candidates (no extra selection).
@@ -57,6 +57,6 @@ class TopK:
         out = mask(logits, logits < kth)
         is_everywhere = max(ks) < vocab_size
         if is_everywhere:
-            # The candidates hold every kept token unless ties at the k-th value run past them.
-            claim(batch, count_kept(logits, kth) == count_kept(values, kth))
+            # The candidates hold every kept token unless the k-th value ties the last one.
+            claim(batch, (kth > values[:, -1:]).reshape(-1))
         return derive(batch, logits, out, threshold=kth, covers=is_everywhere)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import SamplingBatch, mask, register
+from cortexlab.sampling.base import SamplingBatch, mask, register, row_sum
 from cortexlab.sampling.facts import derive, row_max
 
 import mlx.core as mx
@@ -29,8 +29,8 @@ class TopNSigma:
         is_finite = logits > -mx.inf
         count = mx.maximum(is_finite.sum(axis=-1, keepdims=True), 1).astype(mx.float32)
         finite = mx.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)  # masked entries: 0
-        mean = finite.sum(axis=-1, keepdims=True) / count
-        variance = mx.maximum((finite * finite).sum(axis=-1, keepdims=True) / count - mean**2, 0)
+        mean = row_sum(finite) / count
+        variance = mx.maximum(row_sum(finite * finite) / count - mean**2, 0)
         n = batch.column(lambda p: p.top_n_sigma if self.is_active(p) else math.inf)
         threshold = row_max(batch, logits) - n * mx.sqrt(variance)
         # Inactive rows: max - inf (or inf * 0 = nan when every logit is equal): keep all.

@@ -7,16 +7,8 @@ that crosses p is kept, and so is the top token whatever p is.
 from __future__ import annotations
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import SamplingBatch, exp, mask, register
-from cortexlab.sampling.facts import (
-    candidates,
-    claim,
-    count_kept,
-    derive,
-    is_fast,
-    row_max,
-    weights,
-)
+from cortexlab.sampling.base import SamplingBatch, exp, mask, register, row_sum
+from cortexlab.sampling.facts import candidates, claim, derive, is_fast, row_max, weights
 
 import mlx.core as mx
 
@@ -45,7 +37,7 @@ class TopP:
         ids, ordered = candidates(batch, logits)  # descending; all V when exact
         # The total is summed over the whole vocabulary in vocabulary order, so that the
         # candidate and exact paths compare the same numbers.
-        total = weights(batch, logits).sum(axis=-1, keepdims=True)
+        total = row_sum(weights(batch, logits))
         mass_before = mx.cumsum(exp(ordered - row_max(batch, logits)), axis=-1, inclusive=False)
         top_p = batch.column(lambda p: p.top_p - MASS_TOLERANCE)
         # Token j joins while the mass of the tokens above it is still short of p.
@@ -56,8 +48,8 @@ class TopP:
         threshold = mask(threshold, ~is_active)
         out = mask(logits, logits < threshold)
         if is_fast(batch, logits):
-            # Exact only if the nucleus ended inside the candidates and no tie runs past them.
-            inside = (num_kept < ordered.shape[-1]).reshape(-1)
-            same = count_kept(logits, threshold) == count_kept(ordered, threshold)
-            claim(batch, (inside & same) | ~is_active.reshape(-1))
+            # Exact if the nucleus ended inside the candidates, strictly above the last one
+            # (so no token outside them ties with the threshold).
+            inside = (num_kept < ordered.shape[-1]) & (threshold > ordered[:, -1:])
+            claim(batch, (inside | ~is_active).reshape(-1))
         return derive(batch, logits, out, threshold=threshold, covers=all(active))
