@@ -262,6 +262,8 @@ def _group(x, batch: SamplingBatch, rows, pipeline, is_greedy: bool, record: boo
     recorded = [("input", x)] if record else None
     final = apply(x, batch, active, recorded)
     selection = stages.create("greedy" if is_greedy else "categorical").select(final, batch)
+    for flag in batch.scratch.get("finite", ()):
+        selection = Selection(selection.tokens, selection.logprob, selection.is_finite & flag)
     check = None
     for flag in batch.scratch.get("checks", ()):
         check = flag if check is None else check & flag

@@ -67,12 +67,16 @@ def weights(batch: SamplingBatch, x: mx.array) -> mx.array:
     return known.weights
 
 
-def log_normaliser(batch: SamplingBatch, x: mx.array) -> mx.array:
-    """``logsumexp(x)`` per row ``[b, 1]``; ``x - log_normaliser`` are log-probabilities."""
+def log_normaliser(batch: SamplingBatch, x: mx.array, *, check: bool = True) -> mx.array:
+    """``logsumexp(x)`` per row ``[b, 1]``; ``x - log_normaliser`` are log-probabilities.
+
+    With `check`, a row whose normaliser is not finite counts as broken (``require_finite``).
+    """
     key = ("lse", id(x))
     if key not in batch.scratch:
-        total = row_sum(weights(batch, x))
-        batch.scratch[key] = row_max(batch, x) + mx.log(total)
+        batch.scratch[key] = row_max(batch, x) + mx.log(row_sum(weights(batch, x)))
+    if check:
+        require_finite(batch, batch.scratch[key])
     return batch.scratch[key]
 
 
@@ -115,12 +119,21 @@ def candidates(batch: SamplingBatch, x: mx.array) -> tuple[mx.array, mx.array]:
     if known.cand_idx is None:
         known.cand_idx, known.cand_vals = top_candidates(x, batch.num_candidates)
         known.covers = known.cand_idx.shape[-1] >= x.shape[-1]
+        if known.max is None:
+            known.max = known.cand_vals[:, :1]  # the top candidate: no extra pass for the max
     return known.cand_idx, known.cand_vals
 
 
 def claim(batch: SamplingBatch, ok: mx.array) -> None:
     """Record a per-row check ``[b]`` (bool) that a candidate shortcut was exact."""
     batch.scratch.setdefault("checks", []).append(ok.reshape(-1))
+
+
+def require_finite(batch: SamplingBatch, value: mx.array) -> None:
+    """Record that rows whose `value` (``[b]`` or ``[b, 1]``) is NaN or inf are broken:
+    they are sampled again from cleaned logits (a NaN may hide outside the candidates)."""
+    flag = ((value > -mx.inf) & (value < mx.inf)).reshape(-1)
+    batch.scratch.setdefault("finite", []).append(flag)
 
 
 def count_kept(x: mx.array, threshold: mx.array) -> mx.array:

@@ -29,8 +29,8 @@ def token_details(
     is_raw = raw is final  # no stage acted: one normaliser serves both
     final = final if final.dtype == mx.float32 else final.astype(mx.float32)
     chosen = tokens.reshape(-1, 1)
-    lse = log_normaliser(batch, final)
-    raw_lse = lse if is_raw else log_normaliser(batch, raw.astype(mx.float32))
+    lse = log_normaliser(batch, final, check=False)
+    raw_lse = lse if is_raw else log_normaliser(batch, raw.astype(mx.float32), check=False)
     value = mx.take_along_axis(final, chosen, axis=-1)
     out = {
         "logprob": (value - lse).reshape(-1),
@@ -50,7 +50,7 @@ def stage_summaries(batch: SamplingBatch, recorded: list[tuple[str, mx.array]]) 
     for name, x in recorded:
         x = x if x.dtype == mx.float32 else x.astype(mx.float32)
         ids, values = top_candidates(x, NUM_HOOK_CANDIDATES)
-        probs = exp(values - log_normaliser(batch, x))
+        probs = exp(values - log_normaliser(batch, x, check=False))
         out["stages"].append((name, (x > -mx.inf).sum(axis=-1), ids, probs))
     last = recorded[-1][1]
     last = last if last.dtype == mx.float32 else last.astype(mx.float32)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from cortexlab.request import SamplingParams
 from cortexlab.sampling.base import SamplingBatch, exp, mask, register, row_sum
-from cortexlab.sampling.facts import candidates, claim, derive, is_fast, row_max, weights
+from cortexlab.sampling.facts import (
+    candidates,
+    claim,
+    derive,
+    is_fast,
+    require_finite,
+    row_max,
+    weights,
+)
 
 import mlx.core as mx
 
@@ -38,6 +46,7 @@ class TopP:
         # The total is summed over the whole vocabulary in vocabulary order, so that the
         # candidate and exact paths compare the same numbers.
         total = row_sum(weights(batch, logits))
+        require_finite(batch, total)
         mass_before = mx.cumsum(exp(ordered - row_max(batch, logits)), axis=-1, inclusive=False)
         top_p = batch.column(lambda p: p.top_p - MASS_TOLERANCE)
         # Token j joins while the mass of the tokens above it is still short of p.
