@@ -158,7 +158,9 @@ def main() -> int:
 
     print("\nmetadata on vs off (engine decode step, greedy)")
     logprob_step, _ = decode_steps(model, steps=args.steps, logprobs=5)
-    hook_step, _ = decode_steps(model, steps=args.steps, hooks={"sampler.distribution": lambda event: None})
+    hook_step, _ = decode_steps(
+        model, steps=args.steps, hooks={"sampler.distribution": lambda event: None}
+    )
     again, _ = decode_steps(model, steps=args.steps)
     for name, value in [
         ("off", step),

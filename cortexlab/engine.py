@@ -80,6 +80,8 @@ class Engine(Serving):
     callers raise it; a stall (nothing scheduled, nothing changing for `stall_timeout`
     seconds) fails the stuck requests. The engine stays usable after each of these.
     Finished requests are kept for `get_request` up to the last `max_history`.
+    `sampling_order` is the default stage order ("hf", "llama.cpp", "mlx-lm" or a list of
+    stages; see docs/sampling.md); ``SamplingParams.order`` overrides it per request.
     """
 
     def __init__(

@@ -439,7 +439,12 @@ def test_stage_fields_are_neutral_by_default_and_normalised():
 
     p = SamplingParams()
     assert (p.min_p, p.typical_p, p.epsilon_cutoff, p.eta_cutoff, p.top_n_sigma) == (0, 1, 0, 0, 0)
-    assert (p.xtc_probability, p.mirostat_tau, p.repetition_penalty, p.dry_multiplier) == (0, 0, 1, 0)
+    assert (p.xtc_probability, p.mirostat_tau, p.repetition_penalty, p.dry_multiplier) == (
+        0,
+        0,
+        1,
+        0,
+    )
     assert (p.presence_penalty, p.frequency_penalty, p.min_tokens, p.logprobs) == (0, 0, 0, None)
     assert p.logit_bias == {} and p.extra == {} and p.order is None
     assert p.allowed_token_ids is None and p.banned_token_ids == ()

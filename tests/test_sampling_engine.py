@@ -36,7 +36,9 @@ def _fields(params) -> dict:
 
 def test_bad_logit_bias_is_refused_at_submit_naming_key_and_vocab(tiny):
     engine = cl.Engine(tiny)
-    with pytest.raises(ValueError, match=r"logit_bias: token id 300 is outside the vocabulary \[0, 259\)"):
+    with pytest.raises(
+        ValueError, match=r"logit_bias: token id 300 is outside the vocabulary \[0, 259\)"
+    ):
         engine.submit([1, 2], SP(logit_bias={5: 1.0, 300: 2.0}))
     with pytest.raises(ValueError, match=r"params\[1\]: .*banned_token_ids: token id 999"):
         engine.generate([[1], [2]], [SP(), SP(banned_token_ids=[999])])
@@ -49,7 +51,8 @@ def test_stages_that_need_history_follow_each_request(tiny):
     engine = cl.Engine(tiny)
     base = dict(max_tokens=16, ignore_eos=True)
     plain, penalised = engine.generate(
-        [PROMPTS[0], PROMPTS[0]], [SP(**base), SP(**base, frequency_penalty=2.0, presence_penalty=2.0)]
+        [PROMPTS[0], PROMPTS[0]],
+        [SP(**base), SP(**base, frequency_penalty=2.0, presence_penalty=2.0)],
     )
     assert len(set(penalised.token_ids)) > len(set(plain.token_ids))
     request = engine.get_request(penalised.request_id)
@@ -66,7 +69,9 @@ def test_min_tokens_and_allowed_tokens_in_the_engine(tiny):
     first = greedy.token_ids[0]
     [held] = engine.generate([PROMPTS[1]], SP(max_tokens=6, min_tokens=4, stop_token_ids=[first]))
     assert first not in held.token_ids[:4]
-    [only] = engine.generate([PROMPTS[2]], SP(max_tokens=6, temperature=1.0, allowed_token_ids=[7, 9], ignore_eos=True))
+    [only] = engine.generate(
+        [PROMPTS[2]], SP(max_tokens=6, temperature=1.0, allowed_token_ids=[7, 9], ignore_eos=True)
+    )
     assert set(only.token_ids) <= {7, 9}
     assert_all_free(engine)
 
@@ -136,7 +141,14 @@ def test_sampler_distribution_hook(tiny):
 
 def test_a_fully_filtered_request_falls_back_and_records_it(tiny):
     engine = cl.Engine(tiny)
-    params = SP(max_tokens=3, temperature=1.0, allowed_token_ids=[4], banned_token_ids=[4], ignore_eos=True, logprobs=0)
+    params = SP(
+        max_tokens=3,
+        temperature=1.0,
+        allowed_token_ids=[4],
+        banned_token_ids=[4],
+        ignore_eos=True,
+        logprobs=0,
+    )
     [result] = engine.generate([PROMPTS[0]], params)
     [greedy] = engine.generate([PROMPTS[0]], SP(max_tokens=3, ignore_eos=True))
     assert result.token_ids == greedy.token_ids

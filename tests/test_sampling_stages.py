@@ -285,7 +285,9 @@ def test_an_order_missing_a_used_stage_is_refused():
     check_params(SP(temperature=0.0, top_k=3), order=("temperature",), vocab_size=10)
     with pytest.raises(ValueError, match="unknown sampling stage 'nope'"):
         SP(order=["temperature", "nope"])
-    with pytest.raises(ValueError, match="SamplingParams.order must be .*unknown sampling order 'vllm'"):
+    with pytest.raises(
+        ValueError, match="SamplingParams.order must be .*unknown sampling order 'vllm'"
+    ):
         SP(order="vllm")
 
 

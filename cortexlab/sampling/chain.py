@@ -255,10 +255,26 @@ def run(
     return Sampled(logits, batch, groups, options)
 
 
+_ACTIVE: dict = {}  # (id(pipeline), id(params)) -> (pipeline, params, is_active per stage)
+
+
+def _active_mask(pipeline: list, params: SamplingParams) -> tuple[bool, ...]:
+    """Which stages of `pipeline` act on rows with `params` (memoised: params are frozen;
+    ``is_active`` depends on the params only)."""
+    key = (id(pipeline), id(params))
+    hit = _ACTIVE.get(key)
+    if hit is None or hit[0] is not pipeline or hit[1] is not params:
+        if len(_ACTIVE) > 4096:
+            _ACTIVE.clear()
+        hit = _ACTIVE[key] = (pipeline, params, tuple(s.is_active(params) for _, s in pipeline))
+    return hit[2]
+
+
 def _group(x, batch: SamplingBatch, rows, pipeline, is_greedy: bool, record: bool) -> _Group:
     """One group's lazy work: its active stages, the selection, checks and metadata."""
     unique = list({id(p): p for p in batch.params}.values())
-    active = [(n, s) for n, s in pipeline if any(s.is_active(p) for p in unique)]
+    masks = [_active_mask(pipeline, p) for p in unique]
+    active = [stage for stage, *flags in zip(pipeline, *masks, strict=True) if any(flags)]
     recorded = [("input", x)] if record else None
     final = apply(x, batch, active, recorded)
     selection = stages.create("greedy" if is_greedy else "categorical").select(final, batch)

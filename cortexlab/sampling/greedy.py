@@ -27,10 +27,10 @@ class Greedy:
 
     def select(self, logits: mx.array, batch: SamplingBatch) -> Selection:
         """Tokens, their log-probability under softmax(logits), and a finiteness flag."""
-        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+        tokens = mx.argmax(logits, axis=-1)
         value = mx.take_along_axis(logits, tokens[:, None], axis=-1).astype(mx.float32)
-        # NaN compares false both ways; an all -inf row has a -inf maximum.
-        is_finite = ((value > -mx.inf) & (value < mx.inf)).reshape(-1)
+        # An all -inf row has a -inf maximum; a NaN may be picked as one.
+        is_finite = mx.isfinite(value).reshape(-1)
         as_float = logits if logits.dtype == mx.float32 else logits.astype(mx.float32)
         logprob = (value - log_normaliser(batch, as_float, check=False)).reshape(-1)
-        return Selection(tokens, logprob, is_finite)
+        return Selection(tokens.astype(mx.int32), logprob, is_finite)

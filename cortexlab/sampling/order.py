@@ -110,9 +110,20 @@ def stage_name(stage: Any) -> str:
     return getattr(stage, "__name__", type(stage).__name__)
 
 
+_PIPELINES: dict = {}
+
+
 def resolve(order: str | Sequence) -> list[tuple[str, Stage]]:
-    """The stages of `order`, built: ``[(name, stage), ...]``."""
+    """The stages of `order`, built: ``[(name, stage), ...]``.
+
+    Built once per order and kept while the registered factories stay the same (registering
+    a stage again under a name used here rebuilds it).
+    """
     entries = PRESETS[order] if isinstance(order, str) else order
+    factories = tuple(stages.get(e) if isinstance(e, str) else e for e in entries)
+    cached = _PIPELINES.get(order)
+    if cached is not None and cached[0] == factories:
+        return cached[1]
     out = []
     for entry in entries:
         if isinstance(entry, str):
@@ -122,6 +133,7 @@ def resolve(order: str | Sequence) -> list[tuple[str, Stage]]:
         else:
             stage = FunctionStage(entry)
             out.append((stage.name, stage))
+    _PIPELINES[order] = (factories, out)
     return out
 
 
