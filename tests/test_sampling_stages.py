@@ -499,3 +499,27 @@ def test_final_distribution_agrees_with_mlx_lm(kw):
         ours = distribution(row, SP(**params, order="mlx-lm"), history=history)
         assert support(ours) == support(theirs)
         assert np.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_stage_object_that_is_not_hashable_plugs_in():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Shift:  # eq=True makes dataclass instances unhashable
+        amount: float
+
+        def is_active(self, params):
+            return True
+
+        def __call__(self, logits, batch):
+            return logits + mx.array([[0.0, self.amount]])
+
+    order = [Shift(math.log(3.0)), "temperature"]
+    tokens = sample(
+        mx.zeros((4000, 2)),
+        [SP(temperature=1.0)] * 4000,
+        list(range(4000)),
+        [0] * 4000,
+        order=order,
+    )
+    assert abs(np.array(tokens).mean() - 0.75) < 0.03

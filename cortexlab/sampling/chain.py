@@ -188,6 +188,15 @@ class Sampled:
         return Outcome(token, None, True, (), details, None)
 
 
+def _hashable(order: object) -> object:
+    """`order` as a dict key (an order holding unhashable stage objects: by identity)."""
+    try:
+        hash(order)
+    except TypeError:
+        return ("unhashable order", id(order))
+    return order
+
+
 def _host_details(g: _Group) -> dict[int, dict]:
     if not g.details:
         return {}
@@ -238,11 +247,11 @@ def run(
     options = {"order": order, "record": record, "sanitize": sanitize}
     keys: dict = {}
     for i, p in enumerate(batch.params):
-        keys.setdefault((p.order if p.order is not None else order, p.is_greedy), []).append(i)
-    pipelines: dict = {}
+        row_order = p.order if p.order is not None else order
+        keys.setdefault((_hashable(row_order), p.is_greedy), (row_order, []))[1].append(i)
     groups = []
-    for (key, is_greedy), rows in keys.items():
-        pipeline = pipelines.setdefault(key, resolve(key))
+    for (_, is_greedy), (row_order, rows) in keys.items():
+        pipeline = resolve(row_order)
         if len(rows) == len(batch):
             x, gbatch = logits, batch
         else:

@@ -121,7 +121,10 @@ def resolve(order: str | Sequence) -> list[tuple[str, Stage]]:
     """
     entries = PRESETS[order] if isinstance(order, str) else order
     factories = tuple(stages.get(e) if isinstance(e, str) else e for e in entries)
-    cached = _PIPELINES.get(order)
+    try:
+        cached = _PIPELINES.get(order)
+    except TypeError:  # an order holding unhashable stage objects is built every time
+        order, cached = None, None
     if cached is not None and cached[0] == factories:
         return cached[1]
     out = []
@@ -133,7 +136,8 @@ def resolve(order: str | Sequence) -> list[tuple[str, Stage]]:
         else:
             stage = FunctionStage(entry)
             out.append((stage.name, stage))
-    _PIPELINES[order] = (factories, out)
+    if order is not None:
+        _PIPELINES[order] = (factories, out)
     return out
 
 
