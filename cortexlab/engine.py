@@ -396,10 +396,10 @@ class Engine(Serving):
             ]
             logits = self.runner.forward(rows)
             record = self.hook_manager.is_active("sampler.distribution")
-            tokens = self.sampler.sample(logits, sampled, record=record)
+            drawn = self.sampler.sample(logits, sampled, record=record)
             # The one sync of the step: tokens and every arena write together.
-            mx.eval(*tokens.arrays, *self.arena.arrays)
-            token_list, distributions = self.sampler.commit(tokens, sampled)
+            mx.eval(*drawn.arrays, *self.arena.arrays)
+            token_list, distributions = self.sampler.commit(drawn, sampled)
         except Exception as exc:
             error = StepError(
                 f"step {self.num_steps}: the forward pass or sampler raised "
