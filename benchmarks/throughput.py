@@ -250,11 +250,10 @@ def drive(engine: cl.Engine, prompts, max_tokens) -> tuple[list[float], list[boo
 def instrumented(engine: cl.Engine):
     """Split each step's forward into graph build (plan_forward inside it) and a forced eval,
     and time sampling with its own eval; the engine's own sync then has nothing left to do."""
-    engine_mod = sys.modules["cortexlab.engine"]
     runner_mod = sys.modules["cortexlab.runner"]
     probe: dict[str, list[float]] = {"build": [], "plan": [], "eval": [], "sample": []}
-    orig_plan, orig_sample = runner_mod.plan_forward, engine_mod.sample
-    orig_forward = engine.runner.forward
+    orig_plan = runner_mod.plan_forward
+    orig_forward, orig_sample = engine.runner.forward, engine.sampler.sample
     plan_time = [0.0]
 
     def plan_forward(*args, **kwargs):
@@ -276,18 +275,19 @@ def instrumented(engine: cl.Engine):
 
     def sample(*args, **kwargs):
         t0 = time.perf_counter()
-        tokens = orig_sample(*args, **kwargs)
-        mx.eval(tokens)
+        sampled = orig_sample(*args, **kwargs)
+        mx.eval(*sampled.arrays)
         probe["sample"].append(time.perf_counter() - t0)
-        return tokens
+        return sampled
 
-    runner_mod.plan_forward, engine_mod.sample = plan_forward, sample
-    engine.runner.forward = forward
+    runner_mod.plan_forward = plan_forward
+    engine.runner.forward, engine.sampler.sample = forward, sample
     try:
         yield probe
     finally:
-        runner_mod.plan_forward, engine_mod.sample = orig_plan, orig_sample
+        runner_mod.plan_forward = orig_plan
         del engine.runner.forward  # back to the class's method
+        del engine.sampler.sample
 
 
 def bare_decode_step(module, batch: int, prompt: int, steps: int) -> float:

@@ -34,7 +34,7 @@ from cortexlab.guard import (
     resolve_num_blocks,
     why_impossible,
 )
-from cortexlab.hooks import HookManager, RequestEvent, StepEvent
+from cortexlab.hooks import HookManager, RequestEvent, SamplerEvent, StepEvent
 from cortexlab.kv import as_allocator
 from cortexlab.kv.arena import KVArena
 from cortexlab.models.base import Model
@@ -47,7 +47,7 @@ from cortexlab.request import (
     check_token_ids,
 )
 from cortexlab.runner import RowWork, Runner
-from cortexlab.sampling import sample
+from cortexlab.sampling import Sampler
 from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, as_scheduler
 from cortexlab.serving import Result, Serving
 
@@ -80,6 +80,8 @@ class Engine(Serving):
     callers raise it; a stall (nothing scheduled, nothing changing for `stall_timeout`
     seconds) fails the stuck requests. The engine stays usable after each of these.
     Finished requests are kept for `get_request` up to the last `max_history`.
+    `sampling_order` is the default stage order ("hf", "llama.cpp", "mlx-lm" or a list of
+    stages; see docs/sampling.md); ``SamplingParams.order`` overrides it per request.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class Engine(Serving):
         check_policies: bool = True,
         stall_timeout: float = 3.0,
         max_history: int = DEFAULT_MAX_HISTORY,
+        sampling_order: str | Sequence = "hf",
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
@@ -139,6 +142,10 @@ class Engine(Serving):
             dtype=model.dtype,
         )
         self.runner = Runner(model, self.arena)
+        # The default stage order; SamplingParams.order overrides it per request.
+        self.sampler = Sampler(
+            sampling_order, vocab_size=model.vocab_size, tokenizer=model.tokenizer
+        )
         self.check_policies = check_policies
         self.state = SchedulerState(
             waiting=deque(), running=[], allocator=self.allocator, config=self.config
@@ -220,6 +227,8 @@ class Engine(Serving):
     ) -> Request:
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params is not None:
+            self.sampler.check(params)  # token ids in the vocabulary, stages in the order
         if arrival_time is not None and (
             isinstance(arrival_time, bool)
             or not isinstance(arrival_time, numbers.Real)
@@ -386,15 +395,11 @@ class Engine(Serving):
                 for s in batch.scheduled
             ]
             logits = self.runner.forward(rows)
-            tokens = sample(
-                logits,
-                [r.params for r in sampled],
-                [r.seed for r in sampled],
-                [r.num_output_tokens for r in sampled],
-            )
+            record = self.hook_manager.is_active("sampler.distribution")
+            drawn = self.sampler.sample(logits, sampled, record=record)
             # The one sync of the step: tokens and every arena write together.
-            mx.eval(tokens, *self.arena.arrays)
-            token_list = tokens.tolist()
+            mx.eval(*drawn.arrays, *self.arena.arrays)
+            token_list, distributions = self.sampler.commit(drawn, sampled)
         except Exception as exc:
             error = StepError(
                 f"step {self.num_steps}: the forward pass or sampler raised "
@@ -406,6 +411,9 @@ class Engine(Serving):
         now = self.clock.now()
         for s in batch.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+        if record and self.hook_manager.is_active("sampler.distribution"):
+            event = SamplerEvent("sampler.distribution", now, self.num_steps, distributions)
+            self.hook_manager.fire("sampler.distribution", event)
         ended, failure = [], None
         for request, token in zip(sampled, token_list, strict=True):
             try:

@@ -18,6 +18,7 @@ HOOK_POINTS = (
     "request.finished",
     "step.begin",
     "step.batch",
+    "sampler.distribution",
     "step.end",
 )
 
@@ -42,6 +43,22 @@ class StepEvent:
     time: float
     step: int
     data: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SamplerEvent:
+    """One step's sampled rows (fired only while a hook listens at ``sampler.distribution``).
+
+    Each row is a dict: request_id, token, logprob (under the final distribution), entropy
+    (nats, final distribution), fallback (every token was filtered out), and stages: per
+    stage that acted (``"input"`` first), num_kept and its top candidates (top_ids,
+    top_probs under that stage's distribution).
+    """
+
+    name: str
+    time: float
+    step: int
+    rows: list[dict] = field(default_factory=list)
 
 
 def _resolve(pattern: str) -> list[str]:

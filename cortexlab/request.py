@@ -12,9 +12,10 @@ import numbers
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 
 class RequestState(str, Enum):
@@ -115,12 +116,46 @@ def _float(field: str, value: object, rule: str, ok: Callable[[float], bool]) ->
     return as_float
 
 
+class FrozenMap(Mapping):
+    """A read-only, hashable, picklable mapping (``SamplingParams.logit_bias`` and ``extra``)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        try:
+            return hash(frozenset(self._data.items()))
+        except TypeError:  # unhashable values (an `extra` list): equal maps still hash equal
+            return hash(frozenset(self._data))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+# OpenAI's limits: penalties in [-2, 2], at most 20 alternatives per token.
+MAX_ABS_OPENAI_PENALTY = 2.0
+MAX_LOGPROBS = 20
+DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to decode one request; validated and normalised at construction.
 
-    Adding a sampling stage means: a field here (with a neutral default and a check in
-    ``__post_init__``) plus one file under ``cortexlab/sampling/``.
+    Every stage parameter has a neutral default (the stage does nothing). Adding a sampling
+    stage means: a field here (with a neutral default and a check in ``__post_init__``) plus
+    one file under ``cortexlab/sampling/``; see ``docs/sampling.md`` for the table.
     """
 
     max_tokens: int = 16
@@ -133,34 +168,95 @@ class SamplingParams:
     ignore_eos: bool = False
     priority: int = 0
     tenant: str = "default"
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    top_n_sigma: float = 0.0
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0
+    mirostat_tau: float = 0.0
+    mirostat_eta: float = 0.1
+    repetition_penalty: float = 1.0
+    repetition_window: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: tuple[str | int, ...] = DEFAULT_DRY_SEQUENCE_BREAKERS
+    logit_bias: Mapping[int, float] = field(default_factory=FrozenMap)
+    allowed_token_ids: tuple[int, ...] | None = None
+    banned_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None
+    order: str | tuple | None = None
+    extra: Mapping[str, Any] = field(default_factory=FrozenMap)
 
     def __post_init__(self) -> None:
         # One line per field; normalised values are written back past the frozen guard.
         def put(field: str, value: object) -> None:
             object.__setattr__(self, field, value)
 
+        def unit(field: str, rule: str, ok: Callable[[float], bool]) -> None:
+            put(field, _float(field, getattr(self, field), rule, ok))
+
         put("max_tokens", _int("max_tokens", self.max_tokens, "an int >= 1", lambda v: v >= 1))
-        put(
-            "temperature",
-            _float(
-                "temperature",
-                self.temperature,
-                "a finite float >= 0 (0 = greedy)",
-                lambda v: v >= 0,
-            ),
-        )
+        unit("temperature", "a finite float >= 0 (0 = greedy)", lambda v: v >= 0)
         put("top_k", _int("top_k", self.top_k, "an int >= 0 (0 disables)", lambda v: v >= 0))
-        put("top_p", _float("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1))
+        unit("top_p", "in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
             rule = "None or an int in [0, 2**63)"
             put("seed", _int("seed", self.seed, rule, lambda v: 0 <= v < MAX_SEED))
         put("stop", self._normalise_stop(self.stop))
-        put("stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))
+        put("stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise _fail("ignore_eos", "a bool", self.ignore_eos)
         put("priority", _int("priority", self.priority, "an int"))
         if not isinstance(self.tenant, str) or not self.tenant:
             raise _fail("tenant", "a non-empty str", self.tenant)
+        unit("min_p", "in [0, 1] (0 disables)", lambda v: 0 <= v <= 1)
+        unit("typical_p", "in (0, 1] (1 disables)", lambda v: 0 < v <= 1)
+        unit("epsilon_cutoff", "in [0, 1) (0 disables)", lambda v: 0 <= v < 1)
+        unit("eta_cutoff", "in [0, 1) (0 disables)", lambda v: 0 <= v < 1)
+        unit("top_n_sigma", "a finite float >= 0 (0 disables)", lambda v: v >= 0)
+        unit("xtc_threshold", "in [0, 0.5]", lambda v: 0 <= v <= 0.5)
+        unit("xtc_probability", "in [0, 1] (0 disables)", lambda v: 0 <= v <= 1)
+        unit("mirostat_tau", "a finite float >= 0 (target surprise in bits; 0 disables)",
+             lambda v: v >= 0)  # fmt: skip
+        unit("mirostat_eta", "in (0, 1]", lambda v: 0 < v <= 1)
+        unit("repetition_penalty", "a finite float > 0 (1 disables)", lambda v: v > 0)
+        rule = "an int >= 0 (0 = the whole prompt and output)"
+        put("repetition_window", _int("repetition_window", self.repetition_window, rule,
+                                      lambda v: v >= 0))  # fmt: skip
+        penalty = f"in [-{MAX_ABS_OPENAI_PENALTY:g}, {MAX_ABS_OPENAI_PENALTY:g}] (0 disables)"
+        in_range = lambda v: abs(v) <= MAX_ABS_OPENAI_PENALTY  # noqa: E731
+        unit("presence_penalty", penalty, in_range)
+        unit("frequency_penalty", penalty, in_range)
+        unit("dry_multiplier", "a finite float >= 0 (0 disables)", lambda v: v >= 0)
+        unit("dry_base", "a finite float >= 1", lambda v: v >= 1)
+        put("dry_allowed_length", _int("dry_allowed_length", self.dry_allowed_length,
+                                       "an int >= 1", lambda v: v >= 1))  # fmt: skip
+        put("dry_sequence_breakers", self._normalise_breakers(self.dry_sequence_breakers))
+        put("logit_bias", self._normalise_logit_bias(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            ids = _token_ids("allowed_token_ids", self.allowed_token_ids, "None or a non-empty")
+            if not ids:
+                rule = "None or a non-empty list/tuple of ints >= 0"
+                raise _fail("allowed_token_ids", rule, self.allowed_token_ids)
+            put("allowed_token_ids", ids)
+        put("banned_token_ids", _token_ids("banned_token_ids", self.banned_token_ids))
+        rule = f"an int in [0, max_tokens={self.max_tokens}]"
+        put("min_tokens", _int("min_tokens", self.min_tokens, rule,
+                               lambda v: 0 <= v <= self.max_tokens))  # fmt: skip
+        if self.logprobs is not None:
+            rule = f"None or an int in [0, {MAX_LOGPROBS}]"
+            put("logprobs", _int("logprobs", self.logprobs, rule,
+                                 lambda v: 0 <= v <= MAX_LOGPROBS))  # fmt: skip
+        put("order", self._normalise_order(self.order))
+        if not isinstance(self.extra, Mapping) or not all(isinstance(k, str) for k in self.extra):
+            raise _fail("extra", "a mapping with str keys (read by the stages)", self.extra)
+        put("extra", self.extra if type(self.extra) is FrozenMap else FrozenMap(self.extra))
 
     @staticmethod
     def _normalise_stop(stop: object) -> tuple[str, ...]:
@@ -171,15 +267,56 @@ class SamplingParams:
         return tuple(items)
 
     @staticmethod
-    def _normalise_stop_token_ids(ids: object) -> tuple[int, ...]:
-        if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise _fail("stop_token_ids", "a list/tuple of ints >= 0", ids)
-        return tuple(int(i) for i in ids)
+    def _normalise_breakers(breakers: object) -> tuple[str | int, ...]:
+        ok = isinstance(breakers, list | tuple) and all(
+            (isinstance(b, str) and b) or (_is_int(b) and b >= 0) for b in breakers
+        )
+        if not ok:
+            raise _fail("dry_sequence_breakers", "a list/tuple of non-empty str or token ids",
+                        breakers)  # fmt: skip
+        return tuple(b if isinstance(b, str) else int(b) for b in breakers)
+
+    @staticmethod
+    def _normalise_logit_bias(bias: object) -> FrozenMap:
+        rule = "a mapping of token id (int >= 0) -> float (finite, or -inf to ban)"
+        if not isinstance(bias, Mapping):
+            raise _fail("logit_bias", rule, bias)
+        out = {}
+        for key, value in bias.items():
+            ok_value = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if (
+                not (_is_int(key) and key >= 0)
+                or not ok_value
+                or math.isnan(value)
+                or value == math.inf
+            ):
+                raise _fail("logit_bias", rule, bias)
+            out[int(key)] = float(value)
+        return bias if type(bias) is FrozenMap and out == dict(bias) else FrozenMap(out)
+
+    @staticmethod
+    def _normalise_order(order: object) -> str | tuple | None:
+        if order is None:
+            return None
+        # Imported here: the sampling package imports this module.
+        from cortexlab.sampling.order import check_order
+
+        try:
+            return check_order(order)
+        except ValueError as exc:
+            rule = f"None, a preset name or a list of stages ({exc})"
+            raise _fail("order", rule, order) from None
 
     @property
     def is_greedy(self) -> bool:
         """True when decoding takes the argmax (temperature 0)."""
         return self.temperature == 0.0
+
+
+def _token_ids(field: str, ids: object, prefix: str = "a") -> tuple[int, ...]:
+    if not isinstance(ids, list | tuple) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise _fail(field, f"{prefix} list/tuple of ints >= 0", ids)
+    return tuple(int(i) for i in ids)
 
 
 def check_token_ids(token_ids: object, vocab_size: int | None = None) -> list[int]:
@@ -247,6 +384,7 @@ class Request:
         "exception",
         "text",
         "seed",
+        "sampling_state",
         "__weakref__",
     )
 
@@ -287,6 +425,9 @@ class Request:
         self.text = ""
         # Drawn from Python's `random` so that cortexlab.seed(n) makes unseeded runs repeatable.
         self.seed: int = params.seed if params.seed is not None else random.getrandbits(63)
+        # The sampler's per-request bookkeeping (token counts, stage state, logprobs); it
+        # creates this on the request's first sampled step.
+        self.sampling_state: Any = None
 
     # -- token counts -------------------------------------------------------------------
     @property

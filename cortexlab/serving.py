@@ -33,6 +33,9 @@ class Result:
     finish_reason: str | None
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+    # With SamplingParams(logprobs=k): one OpenAI-style entry per output token (token,
+    # logprob, bytes, top_logprobs, plus token_id, rank, raw_logprob, fallback).
+    logprobs: list[dict] | None = None
 
     def _repr_html_(self) -> str:
         import html
@@ -131,6 +134,11 @@ class Serving:
                 raise ValueError(f"prompts[{i}]: {exc}") from None
             if sp is not None and not isinstance(sp, SamplingParams):
                 raise ValueError(f"params[{i}] must be a SamplingParams, got {type(sp).__name__}")
+            if sp is not None:
+                try:
+                    self.sampler.check(sp)
+                except ValueError as exc:
+                    raise ValueError(f"params[{i}]: {exc}") from None
         requests = [
             self._submit(ids, sp, text)
             for (ids, text), sp in zip(encoded, params_list, strict=True)
@@ -152,7 +160,11 @@ class Serving:
                 "num_prompt_tokens": request.num_prompt_tokens,
                 "num_output_tokens": request.num_output_tokens,
                 "num_preemptions": request.num_preemptions,
+                "num_sampling_fallbacks": len(
+                    getattr(request.sampling_state, "fallback_steps", ())
+                ),
             },
+            logprobs=self.sampler.logprobs(request),
         )
 
     def stream(

@@ -74,6 +74,50 @@ BAD_VALUES = [
     ("tenant", ""),
     ("tenant", 3),
     ("tenant", None),
+    ("min_p", -0.1),
+    ("min_p", 1.5),
+    ("typical_p", 0.0),
+    ("typical_p", 1.1),
+    ("epsilon_cutoff", 1.0),
+    ("epsilon_cutoff", -1e-3),
+    ("eta_cutoff", 1.0),
+    ("top_n_sigma", -1.0),
+    ("top_n_sigma", float("inf")),
+    ("xtc_threshold", 0.6),
+    ("xtc_probability", 1.5),
+    ("mirostat_tau", -1.0),
+    ("mirostat_eta", 0.0),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", float("nan")),
+    ("repetition_window", -1),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -3.0),
+    ("frequency_penalty", "0.1"),
+    ("dry_multiplier", -0.5),
+    ("dry_base", 0.9),
+    ("dry_allowed_length", 0),
+    ("dry_sequence_breakers", "\n"),
+    ("dry_sequence_breakers", [""]),
+    ("dry_sequence_breakers", [-1]),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"7": 1.0}),
+    ("logit_bias", {7: float("nan")}),
+    ("logit_bias", {7: float("inf")}),
+    ("logit_bias", [(7, 1.0)]),
+    ("allowed_token_ids", []),
+    ("allowed_token_ids", [-2]),
+    ("banned_token_ids", [1.5]),
+    ("min_tokens", -1),
+    ("min_tokens", 17),
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("logprobs", True),
+    ("order", "vllm"),
+    ("order", ["temperature", "no_such_stage"]),
+    ("order", []),
+    ("order", 3),
+    ("extra", [("a", 1)]),
+    ("extra", {1: "a"}),
 ]
 
 
@@ -388,3 +432,34 @@ def test_reprs():
     r.text = "<b>"
     page = r._repr_html_()
     assert page.startswith("<table>") and "WAITING" in page and "&lt;b&gt;" in page
+
+
+def test_stage_fields_are_neutral_by_default_and_normalised():
+    import pickle
+
+    p = SamplingParams()
+    assert (p.min_p, p.typical_p, p.epsilon_cutoff, p.eta_cutoff, p.top_n_sigma) == (0, 1, 0, 0, 0)
+    assert (p.xtc_probability, p.mirostat_tau, p.repetition_penalty, p.dry_multiplier) == (
+        0,
+        0,
+        1,
+        0,
+    )
+    assert (p.presence_penalty, p.frequency_penalty, p.min_tokens, p.logprobs) == (0, 0, 0, None)
+    assert p.logit_bias == {} and p.extra == {} and p.order is None
+    assert p.allowed_token_ids is None and p.banned_token_ids == ()
+    q = SamplingParams(
+        logit_bias={np.int64(3): 1, 4: float("-inf")},
+        extra={"my_stage": [1, 2]},
+        order=["temperature", "top_p"],
+        dry_sequence_breakers=["\n", np.int32(5)],
+        allowed_token_ids=[np.int64(1)],
+    )
+    assert q.logit_bias == {3: 1.0, 4: float("-inf")} and type(q.logit_bias[3]) is float
+    assert q.order == ("temperature", "top_p") and q.dry_sequence_breakers == ("\n", 5)
+    assert q.allowed_token_ids == (1,)
+    with pytest.raises(TypeError):
+        q.logit_bias[5] = 1.0  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(q)) == q
+    assert hash(q) == hash(dataclasses.replace(q))
+    assert q != dataclasses.replace(q, extra={"my_stage": [1, 3]})

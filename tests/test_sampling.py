@@ -8,7 +8,7 @@ import cortexlab  # noqa: F401  (must come before mlx: it loads the fast BLAS)
 
 # isort: split
 from cortexlab.request import SamplingParams
-from cortexlab.sampling import DEFAULT_CHAIN, SamplingBatch, row_uniform, sample, stages
+from cortexlab.sampling import PRESETS, SamplingBatch, row_uniform, sample, stages
 from cortexlab.sampling.base import exp, mask
 
 import mlx.core as mx
@@ -48,8 +48,8 @@ def rand_logits(rows: int, vocab: int, seed: int = 0) -> mx.array:
 
 def test_registry_holds_every_stage():
     assert {"greedy", "temperature", "top_k", "top_p", "categorical"} <= set(stages.available())
-    assert set(DEFAULT_CHAIN) <= set(stages.available())
-    with pytest.raises(KeyError, match="available: categorical, greedy"):
+    assert set(PRESETS["hf"]) <= set(stages.available())
+    with pytest.raises(KeyError, match="available: allowed_tokens, banned_tokens, categorical"):
         stages.get("nope")
 
 
@@ -191,13 +191,15 @@ def test_top_p_uses_temperature_scaled_distribution():
     assert set(draw(np.log(PROBS4), params, 2000).tolist()) == {0, 1}
 
 
-@pytest.mark.parametrize("chain", [DEFAULT_CHAIN, ("temperature", "top_p")])
-def test_top_p_inside_top_k(chain):
+@pytest.mark.parametrize(
+    ("order", "support"), [("hf", {0, 1}), ("llama.cpp", {0, 1}), ("mlx-lm", {0, 1, 2})]
+)
+def test_top_p_inside_top_k(order, support):
     # top_k=3 renormalises [0.4, 0.3, 0.2] to [0.44, 0.33, 0.22]: p=0.75 needs two tokens
-    # (on the full distribution it would need three). Same answer without the top_k stage.
+    # (on the full distribution it would need three). mlx-lm runs top-p before top-k.
     probs = np.array([0.4, 0.3, 0.2, 0.1])
     params = SamplingParams(temperature=1.0, top_k=3, top_p=0.75)
-    assert set(draw(np.log(probs), params, 2000, chain=chain).tolist()) == {0, 1}
+    assert set(draw(np.log(probs), params, 2000, order=order).tolist()) == support
 
 
 def test_top_p_full_vocab_and_candidate_paths_agree():
@@ -325,7 +327,7 @@ def test_custom_stage_plugs_into_chain():
             return mask(logits, banned[None, :])
 
     row = np.array([5.0, 1.0, 0.0], dtype=np.float32)
-    tokens = draw(row, SamplingParams(), 10, chain=(*DEFAULT_CHAIN, BanToken(0)))
+    tokens = draw(row, SamplingParams(), 10, order=(*PRESETS["hf"], BanToken(0)))
     assert set(tokens.tolist()) == {1}  # greedy rows also go through active stages
 
 

@@ -4,13 +4,16 @@ Inverse-CDF sampling with one uniform per row. The uniform comes from hashing th
 (seed, step) in Python with SplitMix64, so a request's token depends only on its own
 seed, step and logits row: not on batch position, batch neighbours or MLX's global RNG.
 It also needs one exp per logit and no per-logit random numbers, where Gumbel-max needs
-a random number and two logs per logit (~2x slower on CPU).
+a random number and two logs per logit (~2x slower on CPU). When a truncation left few
+candidates (``facts.covers``), the draw runs over those candidates in vocabulary order,
+which gives bitwise the same token as the full-vocabulary CDF.
 """
 
 from __future__ import annotations
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import SamplingBatch, exp, stages
+from cortexlab.sampling.base import SamplingBatch, Selection, exp, register
+from cortexlab.sampling.facts import facts, row_max, weights
 
 import mlx.core as mx
 
@@ -26,14 +29,17 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_uniform(seed: int, step: int) -> float:
-    """The uniform in [0, 1) that decides `step`'s token for a request seeded `seed`."""
+def row_uniform(seed: int, step: int, stream: int = 0) -> float:
+    """The uniform in [0, 1) that decides `step`'s token for a request seeded `seed`.
+
+    `stream` picks an independent sequence for other per-step coins (XTC uses 1).
+    """
     # Fold the step into the hashed seed (JAX fold_in style), then hash again.
-    mixed = splitmix64(splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    mixed = splitmix64(splitmix64((seed ^ (stream << 62)) & _MASK64) ^ (step & _MASK64))
     return (mixed >> (64 - _UNIFORM_BITS)) / (1 << _UNIFORM_BITS)
 
 
-@stages.register("categorical")
+@register("categorical")
 class Categorical:
     """Selector: token ``i`` with probability softmax(logits)[i] (-inf logits never drawn)."""
 
@@ -43,11 +49,27 @@ class Categorical:
 
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """Token ids ``[b]`` (int32)."""
+        return self.select(logits, batch).tokens
+
+    def select(self, logits: mx.array, batch: SamplingBatch) -> Selection:
+        """Tokens, their log-probability under softmax(logits), and a finiteness flag."""
         uniforms = [row_uniform(s, t) for s, t in zip(batch.seeds, batch.steps, strict=True)]
-        weights = exp(logits - logits.max(axis=-1, keepdims=True))
-        cdf = mx.cumsum(weights, axis=-1)
-        target = mx.array(uniforms, dtype=mx.float32)[:, None] * cdf[:, -1:]
+        known, top = facts(batch, logits), row_max(batch, logits)
+        ids = None
+        if known.covers and known.cand_idx is not None:
+            order = mx.argsort(known.cand_idx, axis=-1)
+            ids = mx.take_along_axis(known.cand_idx, order, axis=-1)
+            w = exp(mx.take_along_axis(known.cand_vals, order, axis=-1) - top)
+        else:
+            w = weights(batch, logits)
+        cdf = mx.cumsum(w, axis=-1)
+        total = cdf[:, -1:]
+        target = mx.array(uniforms, dtype=mx.float32)[:, None] * total
         # Token = first index whose CDF exceeds the target. Zero-weight (masked) tokens
         # repeat the previous CDF value, so they can never be that first index.
-        token = (cdf <= target).sum(axis=-1)
-        return mx.minimum(token, logits.shape[-1] - 1).astype(mx.int32)
+        position = mx.minimum((cdf <= target).sum(axis=-1, keepdims=True), w.shape[-1] - 1)
+        chosen = mx.take_along_axis(w, position, axis=-1)
+        tokens = position if ids is None else mx.take_along_axis(ids, position, axis=-1)
+        logprob = (mx.log(chosen) - mx.log(total)).reshape(-1)
+        is_finite = ((top > -mx.inf) & (top < mx.inf) & (total > 0) & (total < mx.inf)).reshape(-1)
+        return Selection(tokens.reshape(-1).astype(mx.int32), logprob, is_finite)

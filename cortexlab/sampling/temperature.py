@@ -1,16 +1,20 @@
-"""Temperature: divide logits by T, flattening (T > 1) or sharpening (T < 1) the distribution."""
+"""Temperature: divide logits by T, flattening (T > 1) or sharpening (T < 1) the distribution.
+
+Source: Ackley, Hinton & Sejnowski (1985); every engine. T = 0 means greedy (the argmax).
+"""
 
 from __future__ import annotations
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import SamplingBatch, stages
+from cortexlab.sampling.base import SamplingBatch, register
+from cortexlab.sampling.facts import derive
 
 import mlx.core as mx
 
 MAX_INVERSE_TEMPERATURE = 1e30
 
 
-@stages.register("temperature")
+@register("temperature")
 class Temperature:
     """Processor: ``logits / T`` per row; T == 1 and greedy rows pass through unchanged."""
 
@@ -21,7 +25,8 @@ class Temperature:
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """Scaled logits ``[b, V]``."""
         # Multiply by 1/T: one division per row instead of one per vocabulary entry.
-        return logits * batch.column(self._inverse)
+        scale = batch.column(self._inverse)
+        return derive(batch, logits, logits * scale, scale=scale)
 
     def _inverse(self, params: SamplingParams) -> float:
         if not self.is_active(params):

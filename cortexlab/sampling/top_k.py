@@ -1,9 +1,14 @@
-"""Top-k: keep each row's k largest logits, mask the rest to -inf."""
+"""Top-k: keep each row's k largest logits, mask the rest to -inf.
+
+Source: Fan, Lewis & Dauphin, "Hierarchical Neural Story Generation" (2018). Ties at the
+k-th value all survive (Hugging Face's and vLLM's rule; llama.cpp and mlx-lm keep exactly k).
+"""
 
 from __future__ import annotations
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import NEG_INF, SamplingBatch, mask, stages
+from cortexlab.sampling.base import NEG_INF, SamplingBatch, mask, register
+from cortexlab.sampling.facts import candidates, claim, derive, is_fast
 
 import mlx.core as mx
 
@@ -26,7 +31,7 @@ def kth_largest(logits: mx.array, ks: list[int]) -> mx.array:
     return mx.where(off, NEG_INF, kth)
 
 
-@stages.register("top_k")
+@register("top_k")
 class TopK:
     """Processor: mask logits below each row's k-th largest (ties at the boundary survive)."""
 
@@ -40,4 +45,18 @@ class TopK:
         ks = [effective_top_k(p, vocab_size) for p in batch.params]
         if min(ks) >= vocab_size:
             return logits
-        return mask(logits, logits < kth_largest(logits, ks))
+        k_max = max(k for k in ks if k < vocab_size)
+        if not (is_fast(batch, logits) and k_max < batch.num_candidates):
+            kth = kth_largest(logits, ks)
+            return derive(batch, logits, mask(logits, logits < kth), threshold=kth)
+        # The k-th value is read off the shared top-C candidates (no extra selection).
+        _, values = candidates(batch, logits)
+        position = mx.array([[min(k, vocab_size) - 1] for k in ks])
+        kth = mx.take_along_axis(values, mx.minimum(position, values.shape[-1] - 1), axis=-1)
+        kth = mask(kth, mx.array([[k >= vocab_size] for k in ks]))
+        out = mask(logits, logits < kth)
+        is_everywhere = max(ks) < vocab_size
+        if is_everywhere:
+            # The candidates hold every kept token unless the k-th value ties the last one.
+            claim(batch, (kth > values[:, -1:]).reshape(-1))
+        return derive(batch, logits, out, threshold=kth, covers=is_everywhere)

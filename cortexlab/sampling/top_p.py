@@ -1,10 +1,22 @@
-"""Top-p (nucleus): keep the fewest most-likely tokens whose probability reaches p."""
+"""Top-p (nucleus): keep the fewest most-likely tokens whose probability reaches p.
+
+Source: Holtzman et al., "The Curious Case of Neural Text Degeneration" (2020). The token
+that crosses p is kept, and so is the top token whatever p is.
+"""
 
 from __future__ import annotations
 
 from cortexlab.request import SamplingParams
-from cortexlab.sampling.base import NEG_INF, SamplingBatch, exp, mask, stages
-from cortexlab.sampling.top_k import effective_top_k
+from cortexlab.sampling.base import SamplingBatch, exp, mask, register, row_sum
+from cortexlab.sampling.facts import (
+    candidates,
+    claim,
+    derive,
+    is_fast,
+    require_finite,
+    row_max,
+    weights,
+)
 
 import mlx.core as mx
 
@@ -13,12 +25,12 @@ import mlx.core as mx
 MASS_TOLERANCE = 1e-6
 
 
-@stages.register("top_p")
+@register("top_p")
 class TopP:
-    """Processor: nucleus over the row's current (temperature-scaled, top-k) distribution.
+    """Processor: nucleus over the row's current distribution (after the stages before it).
 
-    Rows with top_k also set take their nucleus among their top-k tokens, as vLLM and
-    Hugging Face do; the top token always survives.
+    The nucleus is found among the top-C candidates (no full-vocabulary sort); a row whose
+    candidates hold less than p of the mass is redone with more candidates, then exactly.
     """
 
     def is_active(self, params: SamplingParams) -> bool:
@@ -30,23 +42,23 @@ class TopP:
         active = [self.is_active(p) for p in batch.params]
         if not any(active):
             return logits
-        vocab_size = logits.shape[-1]
-        ks = [effective_top_k(p, vocab_size) for p in batch.params]
-        # A full-vocabulary sort is the cost here (~75 ms at 16 x 49152 on CPU): when every
-        # nucleus row also has top-k, only its top-(max k) candidates can be in the nucleus.
-        num_candidates = max(k for k, a in zip(ks, active, strict=True) if a)
-        candidates = logits if num_candidates >= vocab_size else mx.topk(logits, num_candidates)
-        ordered = -mx.sort(-candidates, axis=-1)  # descending
-        rank = mx.arange(ordered.shape[-1])[None, :]
-        ordered = mask(ordered, rank >= mx.array(ks)[:, None])
-
-        weights = exp(ordered - ordered[:, :1])  # unnormalised probabilities, top = 1
-        mass_before = mx.cumsum(weights, axis=-1, inclusive=False)
-        total = weights.sum(axis=-1, keepdims=True)
+        ids, ordered = candidates(batch, logits)  # descending; all V when exact
+        # The total is summed over the whole vocabulary in vocabulary order, so that the
+        # candidate and exact paths compare the same numbers.
+        total = row_sum(weights(batch, logits))
+        require_finite(batch, total)
+        mass_before = mx.cumsum(exp(ordered - row_max(batch, logits)), axis=-1, inclusive=False)
         top_p = batch.column(lambda p: p.top_p - MASS_TOLERANCE)
         # Token j joins while the mass of the tokens above it is still short of p.
         num_kept = (mass_before < top_p * total).sum(axis=-1, keepdims=True)
         num_kept = mx.maximum(num_kept, 1)  # p below the tolerance still keeps the top token
         threshold = mx.take_along_axis(ordered, num_kept - 1, axis=-1)
-        threshold = mx.where(mx.array(active)[:, None], threshold, NEG_INF)
-        return mask(logits, logits < threshold)
+        is_active = mx.array(active)[:, None]
+        threshold = mask(threshold, ~is_active)
+        out = mask(logits, logits < threshold)
+        if is_fast(batch, logits):
+            # Exact if the nucleus ended inside the candidates, strictly above the last one
+            # (so no token outside them ties with the threshold).
+            inside = (num_kept < ordered.shape[-1]) & (threshold > ordered[:, -1:])
+            claim(batch, (inside | ~is_active).reshape(-1))
+        return derive(batch, logits, out, threshold=threshold, covers=all(active))
