@@ -17,6 +17,9 @@ from cortexlab.sampling.state import SamplerState
 
 import mlx.core as mx
 
+# A fallback row's summary: nothing was drawn from a distribution.
+_NO_SUMMARY = {"entropy": float("nan"), "rank": None, "stages": []}
+
 
 class Sampler:
     """Sampling for one engine: its default `order`, its model's vocabulary and tokenizer."""
@@ -78,9 +81,10 @@ class Sampler:
                     {
                         "request_id": request.request_id,
                         "token": outcome.token,
+                        "text": self._spell(outcome.token)[0],
                         "logprob": outcome.logprob,
                         "fallback": outcome.is_fallback,
-                        **(outcome.summary or {"entropy": float("nan"), "stages": []}),
+                        **(outcome.summary or _NO_SUMMARY),
                     }
                 )
         return tokens, rows
