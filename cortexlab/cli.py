@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repetition-penalty",
         type=float,
         default=1.0,
-        help="divide the logits of tokens already in the context; 1 disables (default: 1.0)",
+        help="penalise tokens already in the prompt or output (positive logits / p, "
+        "negative * p); 1 disables (default: 1.0)",
     )
     gen.add_argument(
         "--order",

@@ -114,6 +114,26 @@ def test_trace_records_tokens_only_when_asked(traced):
     assert greedy["kept_top_k"].isna().all() and (greedy["rank"] == 1).all()
 
 
+def test_a_row_reports_only_its_own_stages_whatever_shares_its_batch(tiny):
+    # Both rows are sampled with the same order: one group running top-k for the first only.
+    params = [
+        SP(max_tokens=3, temperature=1.0, top_k=5, seed=1, ignore_eos=True),
+        SP(max_tokens=3, temperature=0.7, seed=1, ignore_eos=True),
+    ]
+    together, alone = cl.Trace(tokens=True), cl.Trace(tokens=True)
+    engine = cl.Engine(tiny)
+    with engine.hooks(together.hooks):
+        both = engine.generate(PROMPTS, params)
+    with engine.hooks(alone.hooks):
+        [second] = engine.generate(PROMPTS[1:], params[1:])
+    rows = together.tokens.set_index("request_id")
+    assert (rows.loc[both[0].request_id, "kept_top_k"] == 5).all()
+    assert rows.loc[both[1].request_id, "kept_top_k"].isna().all()
+    assert (rows.loc[both[1].request_id, "kept_temperature"] == tiny.vocab_size).all()
+    assert second.token_ids == both[1].token_ids
+    assert "kept_top_k" not in alone.tokens.columns
+
+
 def test_plot_entropy_one_line_per_request(traced):
     trace, results = traced
     ax = cl.viz.plot_entropy(trace)

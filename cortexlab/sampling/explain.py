@@ -86,7 +86,7 @@ def explain(
         "raw_rank": _rank(raw_prob, ids),
         "final_prob": final_prob[ids],
         "final_rank": pd.Series(_rank(final_prob, ids), dtype="Int64").where(final_prob[ids] > 0),
-        "removed_by": removed_by[ids],
+        "removed_by": pd.array(removed_by[ids], dtype="string"),  # <NA>: survived
     }
     if stages:
         names = _unique([name for name, _ in recorded])

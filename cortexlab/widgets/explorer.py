@@ -75,7 +75,8 @@ def params_line(params: SamplingParams) -> str:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if value == default or (name == "order" and value is None):
             continue
-        shown = format(value, ".6g") if isinstance(value, float) else repr(value)
+        # Six significant digits: a slider's 0.30000000000000004 reads 0.3.
+        shown = repr(float(format(value, ".6g"))) if isinstance(value, float) else repr(value)
         parts.append(f"{name}={shown}")
     return f"cl.SamplingParams({', '.join(parts)})"
 
