@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cortexlab.request import SamplingParams
@@ -19,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.transforms import ScaledTranslation
 
 RAW_COLOR = "#9ecae1"  # the model's distribution
 FINAL_COLOR = "#08519c"  # the distribution the token is drawn from
@@ -62,7 +63,7 @@ def plot_token_distribution(
         if column not in table.columns:
             raise ValueError(f"the candidates table lacks {column!r}: pass cl.sampling.explain()")
     table = table.sort_values("raw_rank", kind="stable").reset_index(drop=True)
-    ax = new_axes(ax, (max(6.0, 0.42 * len(table) + 2), 3.6))
+    ax = new_axes(ax, (max(7.5, 0.42 * len(table) + 3.5), 3.6))
     x = np.arange(len(table))
     removed = table["removed_by"].notna().to_numpy()
     raw_colors = [REMOVED_COLOR if r else RAW_COLOR for r in removed]
@@ -88,29 +89,36 @@ def plot_token_distribution(
     ax.set_xlim(-0.7, len(table) - 0.3)
     ax.set_ylabel("probability")
     handles = [
-        Patch(color=RAW_COLOR, label="raw (model)"),
-        Patch(color=FINAL_COLOR, label="final (drawn from)"),
-        Patch(color=REMOVED_COLOR, label="removed (stage named)"),
+        Patch(color=RAW_COLOR, label="raw"),
+        Patch(color=FINAL_COLOR, label="final"),
+        Patch(color=REMOVED_COLOR, label="removed by"),
     ]
-    # On the twin axes when there is one: it is drawn over `ax`, and so is its legend.
-    legend_ax = ax
+    # Outside, right of the twin axis: inside it would hide bars or the cumulative line.
+    gap = 0.05  # inches between the axes (or the twin axis' label) and the legend
     if cumulative:
-        legend_ax, more = _cumulative(ax, table, top_p)
-        handles += more
-    legend_ax.legend(handles=handles, loc="center right", fontsize="small")
+        handles += _cumulative(ax, table, top_p)
+        gap = 0.8
+    shift = ScaledTranslation(gap, 0, ax.figure.dpi_scale_trans)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        bbox_transform=ax.transAxes + shift,
+        fontsize="small",
+    )
     kept = table.attrs.get("num_kept")
     if kept:
         ax.set_title("kept: " + " → ".join(f"{k} {v}" for k, v in kept.items()), fontsize="small")
     return ax
 
 
-def _cumulative(ax: Axes, table: pd.DataFrame, top_p: float) -> tuple[Axes, list]:
+def _cumulative(ax: Axes, table: pd.DataFrame, top_p: float) -> list:
     """The cumulative mass (right axis) of the distribution top-p received, and p; returns
-    the twin axes and legend handles."""
+    legend handles."""
     columns = ["raw_prob"] + [c for c in table.columns if c.startswith("p_")]
-    seen, label = "raw_prob", "cumulative raw mass"
+    seen, label = "raw_prob", "cumulative\n(raw)"
     if "p_top_p" in columns:  # the distribution just before top-p acted
-        seen, label = columns[columns.index("p_top_p") - 1], "cumulative mass top-p saw"
+        seen, label = columns[columns.index("p_top_p") - 1], "cumulative\n(top-p input)"
     twin = ax.twinx()
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("cumulative mass")
@@ -120,7 +128,7 @@ def _cumulative(ax: Axes, table: pd.DataFrame, top_p: float) -> tuple[Axes, list
     if top_p < 1.0:
         twin.axhline(top_p, color="C3", ls="--", lw=1, gid="top_p")
         handles.append(Line2D([], [], color="C3", ls="--", label=f"top_p = {top_p:g}"))
-    return twin, handles
+    return handles
 
 
 def _tokens_table(data: Any) -> pd.DataFrame:
@@ -140,12 +148,14 @@ def plot_entropy(
     *,
     x: str = "position",
     request_ids: Sequence | None = None,
+    labels: Mapping | None = None,
     surprise: bool = True,
     ax: Axes | None = None,
 ) -> Axes:
     """Entropy (nats) of each request's final distribution over its tokens (`x`:
     "position" in the output or engine "step"); dots: each drawn token's surprise
-    (-log p). Reads a ``Trace(tokens=True)`` or its `.tokens` table."""
+    (-log p). Reads a ``Trace(tokens=True)`` or its `.tokens` table; `labels` maps request
+    ids to legend names."""
     if x not in ("position", "step"):
         raise ValueError(f"x must be 'position' or 'step', got {x!r}")
     tokens = _tokens_table(trace)
@@ -160,7 +170,8 @@ def plot_entropy(
     ax = new_axes(ax, (9, 3.2))
     for rid in ids:
         rows = tokens[tokens["request_id"] == rid].sort_values(x)
-        ax.plot(rows[x], rows["entropy"], color=colors[rid], lw=1.5, label=f"request {rid}")
+        label = (labels or {}).get(rid, f"request {rid}")
+        ax.plot(rows[x], rows["entropy"], color=colors[rid], lw=1.5, label=label)
         if surprise:
             ax.scatter(rows[x], -rows["logprob"], s=10, color=colors[rid], alpha=0.6, lw=0)
     ax.set_xlabel("output token" if x == "position" else "engine step")
