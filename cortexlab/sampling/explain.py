@@ -34,7 +34,7 @@ def explain(
     state: SamplerState | None = None,
 ) -> pd.DataFrame:
     """One row per candidate: raw and final probability and rank, and the stage that
-    removed it (None for survivors).
+    removed it (<NA> for survivors).
 
     Rows: the `top` most likely tokens under the raw logits plus the `top` most likely
     survivors (so every survivor when `top` or fewer survive), in raw order. Columns:

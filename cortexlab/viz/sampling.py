@@ -59,7 +59,7 @@ def plot_token_distribution(
             raise ValueError("plot_token_distribution needs params with a logits row")
         table = explain(data, params, top=top, stages=True, tokenizer=tokenizer, **explain_options)
         top_p = params.top_p if not params.is_greedy else 1.0
-    for column in ("token_id", "raw_prob", "final_prob", "removed_by"):
+    for column in ("token_id", "raw_prob", "raw_rank", "final_prob", "removed_by"):
         if column not in table.columns:
             raise ValueError(f"the candidates table lacks {column!r}: pass cl.sampling.explain()")
     table = table.sort_values("raw_rank", kind="stable").reset_index(drop=True)
