@@ -40,6 +40,16 @@ __all__ = [
     "seed",
     "sweep",
     "viz",
+    "widgets",
     "workloads",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # cl.widgets imports ipywidgets: only when first used.
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module("cortexlab.widgets")
+    raise AttributeError(f"module 'cortexlab' has no attribute {name!r}")

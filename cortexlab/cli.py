@@ -47,12 +47,19 @@ def _generate(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in args.prompts):
         raise UsageError("cortexlab generate: a PROMPT is empty")
     cl.seed(args.seed)
+    if args.order not in cl.sampling.PRESETS:
+        presets = ", ".join(cl.sampling.PRESETS)
+        raise UsageError(
+            f"cortexlab generate: --order must be one of {presets}, got {args.order!r}"
+        )
     try:
         params = cl.SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
     except ValueError as exc:
@@ -60,7 +67,11 @@ def _generate(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     try:
         engine = cl.Engine(
-            model, scheduler=args.scheduler, allocator=args.allocator, **_engine_kwargs(args)
+            model,
+            scheduler=args.scheduler,
+            allocator=args.allocator,
+            sampling_order=args.order,
+            **_engine_kwargs(args),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"cortexlab generate: {exc}") from None
@@ -135,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0.0)")
     gen.add_argument("--top-k", type=int, default=0, help="0 disables (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: 1.0)")
+    gen.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="keep tokens with p >= min_p * p_max; 0 disables (default: 0.0)",
+    )
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="penalise tokens already in the prompt or output (positive logits / p, "
+        "negative * p); 1 disables (default: 1.0)",
+    )
+    gen.add_argument(
+        "--order",
+        default="hf",
+        help="sampling stage order: hf, llama.cpp or mlx-lm (default: hf; see docs/sampling.md)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument(
         "--chat",

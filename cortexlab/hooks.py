@@ -49,10 +49,11 @@ class StepEvent:
 class SamplerEvent:
     """One step's sampled rows (fired only while a hook listens at ``sampler.distribution``).
 
-    Each row is a dict: request_id, token, logprob (under the final distribution), entropy
-    (nats, final distribution), fallback (every token was filtered out), and stages: per
-    stage that acted (``"input"`` first), num_kept and its top candidates (top_ids,
-    top_probs under that stage's distribution).
+    Each row is a dict: request_id, token, text (the token decoded alone), logprob and rank
+    (1 = most likely) under the final distribution, entropy (nats, final distribution),
+    fallback (every token was filtered out), and stages: per stage that acted (``"input"``
+    first), num_kept and its top candidates (top_ids, top_probs under that stage's
+    distribution).
     """
 
     name: str

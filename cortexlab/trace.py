@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-from cortexlab.hooks import RequestEvent, StepEvent
+from cortexlab.hooks import RequestEvent, SamplerEvent, StepEvent
 from cortexlab.metrics import metrics_table, summary_row
 
+import numpy as np
 import pandas as pd
 
 
@@ -60,24 +62,39 @@ _STEP_COLUMNS = {
 }
 
 
+_TOKEN_COLUMNS = ["step", "request_id", "position", "token_id", "text", "prob", "logprob"]
+_TOKEN_COLUMNS += ["entropy", "rank", "fallback"]
+
+
 class Trace:
     """Records engine events; `.steps` and `.requests` give them as DataFrames.
 
+    With ``tokens=True`` it also listens at ``sampler.distribution`` and `.tokens` gives one
+    row per sampled token (probability, entropy, rank, tokens kept per stage). That hook
+    makes the sampler compute per-stage summaries every step, so it is off by default.
     It keeps the values it reports, never the `Request` objects, so a finished request is
     freed once the engine lets go of it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, tokens: bool = False) -> None:
+        if not isinstance(tokens, bool):
+            raise ValueError(f"Trace(tokens=...) must be a bool, got {tokens!r}")
+        self.records_tokens = tokens
         self._steps: dict[int, dict] = {}
         self._requests: dict = {}
         self._token_times: dict = {}
         self._output_token_ids: dict = {}
+        self._tokens: list[dict] = []
+        self._num_tokens: dict = {}
         self.events: list = []
 
     @property
     def hooks(self) -> dict:
         """The hook mapping to pass to `engine.hooks(...)` or `engine.add_hook`."""
-        return {"step.*": self._on_step, "request.*": self._on_request}
+        hooks = {"step.*": self._on_step, "request.*": self._on_request}
+        if self.records_tokens:
+            hooks["sampler.distribution"] = self._on_sampler
+        return hooks
 
     def _on_step(self, event: StepEvent) -> None:
         row = self._steps.setdefault(event.step, {"step": event.step})
@@ -100,6 +117,31 @@ class Trace:
             self._token_times[rid] = tuple(request.token_times)
             self._output_token_ids[rid] = tuple(request.output_token_ids)
 
+    def _on_sampler(self, event: SamplerEvent) -> None:
+        for row in event.rows:
+            rid = row["request_id"]
+            position = self._num_tokens.get(rid, 0)
+            self._num_tokens[rid] = position + 1
+            stages = row["stages"]
+            logprob = row["logprob"]
+            self._tokens.append(
+                {
+                    "step": event.step,
+                    "request_id": rid,
+                    "position": position,
+                    "token_id": row["token"],
+                    "text": row.get("text"),
+                    "prob": math.exp(logprob) if logprob is not None else np.nan,
+                    "logprob": logprob if logprob is not None else np.nan,
+                    "entropy": row["entropy"],
+                    "rank": row.get("rank"),
+                    "fallback": row["fallback"],
+                    **{f"kept_{s['stage']}": s["num_kept"] for s in stages},
+                    "top_ids": stages[-1]["top_ids"] if stages else [],
+                    "top_probs": stages[-1]["top_probs"] if stages else [],
+                }
+            )
+
     @property
     def steps(self) -> pd.DataFrame:
         """One row per engine step: batch composition, tokens, KV usage, measured duration."""
@@ -113,6 +155,23 @@ class Trace:
             if not df.empty and column not in df:
                 df[column] = float("nan")
         return df
+
+    @property
+    def tokens(self) -> pd.DataFrame:
+        """One row per sampled token (``Trace(tokens=True)`` only): step, request_id,
+        position in the output, token_id, text, prob / logprob / rank under the final
+        distribution, entropy (nats), fallback, ``kept_<stage>`` (tokens left after each
+        stage that acted, ``kept_input`` first) and the final top candidates (top_ids,
+        top_probs)."""
+        if not self.records_tokens:
+            raise ValueError(
+                "this Trace does not record tokens: use cl.Trace(tokens=True) (it listens at "
+                "sampler.distribution, which costs the sampler extra work every step)"
+            )
+        df = pd.DataFrame(self._tokens)
+        kept = [c for c in df.columns if c.startswith("kept_")]
+        df = df.reindex(columns=[*_TOKEN_COLUMNS, *kept, "top_ids", "top_probs"])
+        return df.astype({c: "Int64" for c in ["rank", *kept]})
 
     @property
     def token_times(self) -> dict:

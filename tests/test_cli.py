@@ -27,11 +27,29 @@ def test_generate_takes_sampling_and_engine_flags(capsys):
     assert capsys.readouterr().out == first, "seeded sampling repeats"
 
 
+def test_generate_sampling_flags_reach_the_sampler(capsys):
+    base = ["generate", "--model", "tiny-random", "--no-chat", "--max-tokens", "12"]
+    base += ["--temperature", "1.5", "--top-p", "0.9"]
+    outputs = {}
+    for name, extra in {
+        "plain": [],
+        "min_p": ["--min-p", "0.3"],
+        "repetition_penalty": ["--repetition-penalty", "1.5"],
+        "order": ["--order", "llama.cpp"],
+    }.items():
+        assert main([*base, *extra, "hello hello hello"]) == 0
+        outputs[name] = capsys.readouterr().out
+    assert len(set(outputs.values())) == 4, outputs  # each flag changes the text
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["generate", "--model", "tiny-random", "--temperature", "-1", "hi"], "temperature"),
         (["generate", "--model", "tiny-random", "--top-p", "0", "hi"], "top_p"),
+        (["generate", "--model", "tiny-random", "--min-p", "2", "hi"], "min_p"),
+        (["generate", "--model", "tiny-random", "--repetition-penalty", "0", "hi"], "repetition"),
+        (["generate", "--order", "nope", "hi"], "--order must be one of hf, llama.cpp, mlx-lm"),
         (["generate", "--model", "tiny-random", ""], "a PROMPT is empty"),
         (["generate", "--model", "no/such/model", "hi"], "--model: no model at"),
         (["generate", "--model", "tiny-random", "--scheduler", "nope", "hi"], "unknown scheduler"),

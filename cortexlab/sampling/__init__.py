@@ -1,9 +1,10 @@
 """Sampling: an ordered chain of small stages over ``[B, V]`` logits with per-row parameters.
 
 ``cl.sampling.available()`` lists the stages; ``distribution(logits, params, ...)`` gives
-the probabilities a row draws from; ``sample(logits, params, seeds, steps)`` draws. The
-engine uses ``Sampler`` (``Engine(sampling_order=...)``; ``SamplingParams.order`` per
-request). Every stage, its parameters, definition and source: ``docs/sampling.md``.
+the probabilities a row draws from; ``explain(logits, params)`` which candidates survive and
+which stage cut the others; ``sample(logits, params, seeds, steps)`` draws. The engine uses
+``Sampler`` (``Engine(sampling_order=...)``; ``SamplingParams.order`` per request). Every
+stage, its parameters, definition and source: ``docs/sampling.md``.
 """
 
 # Importing the stage modules registers them.
@@ -42,6 +43,7 @@ from cortexlab.sampling.base import (
 from cortexlab.sampling.categorical import Categorical, row_uniform
 from cortexlab.sampling.chain import Outcome, Sampled, run, sample
 from cortexlab.sampling.distribution import distribution
+from cortexlab.sampling.explain import explain
 from cortexlab.sampling.greedy import Greedy
 from cortexlab.sampling.order import DEFAULT_ORDER, PRESETS, check_params
 from cortexlab.sampling.sampler import Sampler
@@ -70,6 +72,7 @@ __all__ = [
     "available",
     "check_params",
     "distribution",
+    "explain",
     "register",
     "row_uniform",
     "run",

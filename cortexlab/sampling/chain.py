@@ -129,7 +129,9 @@ class Sampled:
             out += [g.selection.logprob] if g.wants_logprob else []
             out += list(g.details.values()) if g.details else []
             if g.summary:
-                out += [g.summary["entropy"]] + [a for s in g.summary["stages"] for a in s[1:]]
+                out += [g.summary["entropy"], g.summary["rank"]] + [
+                    a for s in g.summary["stages"] for a in s[1:]
+                ]
         return out
 
     def resolve(self) -> list[Outcome]:
@@ -219,6 +221,7 @@ def _host_details(g: _Group) -> dict[int, dict]:
 def _host_summary(summary: dict, j: int) -> dict:
     return {
         "entropy": summary["entropy"][j].item(),
+        "rank": summary["rank"][j].item(),
         "stages": [
             {
                 "stage": name,
@@ -305,7 +308,7 @@ def _group(x, batch: SamplingBatch, rows, pipeline, is_greedy: bool, record: boo
             facts_batch = batch.rows(group.detail_rows)
         group.details = metadata.token_details(facts_batch, *arrays, k)
     if record:
-        group.summary = metadata.stage_summaries(batch, recorded)
+        group.summary = metadata.stage_summaries(batch, recorded, selection.tokens)
     return group
 
 

@@ -36,6 +36,38 @@ def distribution(
     argmax, as the engine does. With `stages`, also each stage's probabilities in order
     (``[("input", p0), (stage, p1), ...]``) for the stages that act on this row.
     """
+    final, recorded, is_greedy = stage_logits(
+        logits,
+        params,
+        history=history,
+        prompt=prompt,
+        order=order,
+        eos_token_ids=eos_token_ids,
+        tokenizer=tokenizer,
+        state=state,
+    )
+    probs = _one_hot(final) if is_greedy else _softmax(final)
+    if not stages:
+        return probs
+    return probs, [(name, _softmax(x)) for name, x in recorded]
+
+
+def stage_logits(
+    logits: Any,
+    params: SamplingParams,
+    *,
+    history: Sequence[int] = (),
+    prompt: Sequence[int] = (),
+    order: str | Sequence | None = None,
+    eos_token_ids: Sequence[int] = (),
+    tokenizer: Any = None,
+    state: SamplerState | None = None,
+) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], bool]:
+    """What `distribution` computes, as logits: the final row ``[V]`` (float64), each
+    acting stage's output (``[("input", x0), (stage, x1), ...]``) and whether the token is
+    the argmax (greedy params, or every token filtered out: then the final row is the raw
+    one). A token a stage removed is -inf from that stage on.
+    """
     row = (
         mx.array(np.asarray(logits, dtype=np.float32))
         if not isinstance(logits, mx.array)
@@ -59,13 +91,11 @@ def distribution(
         row = clean(row)
     recorded: list = [("input", row)]
     final = np.array(apply(row, batch, pipeline, recorded)[0], dtype=np.float64)
+    is_greedy = params.is_greedy
     if not np.isfinite(final).any():
         final = np.array(row[0], dtype=np.float64)  # every token filtered: the raw argmax
-        params = SamplingParams(temperature=0.0)
-    probs = _one_hot(final) if params.is_greedy else _softmax(final)
-    if not stages:
-        return probs
-    return probs, [(name, _softmax(np.array(x[0], dtype=np.float64))) for name, x in recorded]
+        is_greedy = True
+    return final, [(name, np.array(x[0], dtype=np.float64)) for name, x in recorded], is_greedy
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@
   temperature included; greedy rows: softmax of the processed logits), its log-probability
   under the raw model logits, and the k most likely alternatives.
 * ``stage_summaries``: for the ``sampler.distribution`` hook: per stage, how many tokens it
-  kept and its top candidates with their probabilities; the final entropy.
+  kept and its top candidates with their probabilities; the final entropy and the drawn
+  token's rank.
 
 Both reuse what the stages already computed (row max, weights, log-normaliser) through
 the batch's facts, so asking costs one or two passes over the vocabulary, not a softmax
@@ -43,9 +44,11 @@ def token_details(
     return out
 
 
-def stage_summaries(batch: SamplingBatch, recorded: list[tuple[str, mx.array]]) -> dict:
+def stage_summaries(
+    batch: SamplingBatch, recorded: list[tuple[str, mx.array]], tokens: mx.array
+) -> dict:
     """Lazy arrays per recorded stage output: kept counts, top candidates, probabilities;
-    plus the entropy (nats) of the last one."""
+    plus the entropy (nats) of the last one and the drawn `tokens`' rank under it."""
     out: dict = {"stages": []}
     for name, x in recorded:
         x = x if x.dtype == mx.float32 else x.astype(mx.float32)
@@ -55,4 +58,6 @@ def stage_summaries(batch: SamplingBatch, recorded: list[tuple[str, mx.array]]) 
     last = recorded[-1][1]
     last = last if last.dtype == mx.float32 else last.astype(mx.float32)
     out["entropy"] = entropy(batch, last).reshape(-1)
+    value = mx.take_along_axis(last, tokens.reshape(-1, 1), axis=-1)
+    out["rank"] = ((last > value).sum(axis=-1) + 1).reshape(-1)
     return out

@@ -11,11 +11,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from cortexlab.sampling.base import NUM_CANDIDATES, SamplingBatch
-from cortexlab.sampling.chain import Sampled, run
+from cortexlab.sampling.chain import Outcome, Sampled, run
 from cortexlab.sampling.order import DEFAULT_ORDER, check_order, check_params
 from cortexlab.sampling.state import SamplerState
 
 import mlx.core as mx
+
+# A fallback row's summary: nothing was drawn from a distribution.
+_NO_SUMMARY = {"entropy": float("nan"), "rank": None, "stages": []}
+
+
+def _own_stages(outcome: Outcome, params) -> dict:
+    """The row's summary with only the stages that act on its own params: rows of one group
+    run the union of their stages, and an inactive stage passes a row through unchanged,
+    so a request's record must not depend on what else was in the batch."""
+    summary = outcome.summary
+    recorded = summary["stages"]  # "input", then one per stage of the group, in order
+    acting = [s.is_active(params) for _, s in outcome.stages]
+    stages = recorded[:1] + [r for r, on in zip(recorded[1:], acting, strict=True) if on]
+    return {**summary, "stages": stages}
 
 
 class Sampler:
@@ -78,9 +92,10 @@ class Sampler:
                     {
                         "request_id": request.request_id,
                         "token": outcome.token,
+                        "text": self._spell(outcome.token)[0],
                         "logprob": outcome.logprob,
                         "fallback": outcome.is_fallback,
-                        **(outcome.summary or {"entropy": float("nan"), "stages": []}),
+                        **(_own_stages(outcome, params) if outcome.summary else _NO_SUMMARY),
                     }
                 )
         return tokens, rows

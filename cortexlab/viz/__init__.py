@@ -2,13 +2,21 @@
 
 Each takes a `cl.Trace` or the DataFrame it reads, draws into `ax` (or a new figure) and
 returns the Axes. A request keeps one colour in every plot of the same Trace
-(`request_colors`).
+(`request_colors`). Sampling: `plot_token_distribution` (one logits row through the chain),
+`plot_entropy` (a `Trace(tokens=True)`), `token_html` (text coloured by token probability).
 """
 
 from __future__ import annotations
 
 from cortexlab.viz._common import REQUEST_PALETTE, metric_label, request_colors, request_order
 from cortexlab.viz.latency import plot_goodput_vs_load, plot_latency_cdf, plot_metric_bars
+from cortexlab.viz.sampling import (
+    TokenHTML,
+    plot_entropy,
+    plot_token_distribution,
+    token_html,
+    token_label,
+)
 from cortexlab.viz.steps import (
     batch_tokens,
     plot_batch_composition,
@@ -20,16 +28,21 @@ from cortexlab.viz.timeline import PHASES, plot_gantt, request_spans
 __all__ = [
     "PHASES",
     "REQUEST_PALETTE",
+    "TokenHTML",
     "batch_tokens",
     "metric_label",
     "plot_batch_composition",
     "plot_cache_occupancy",
+    "plot_entropy",
     "plot_gantt",
     "plot_goodput_vs_load",
     "plot_latency_cdf",
     "plot_metric_bars",
     "plot_queue",
+    "plot_token_distribution",
     "request_colors",
     "request_order",
     "request_spans",
+    "token_html",
+    "token_label",
 ]
