@@ -460,7 +460,7 @@ def test_usage_checks_its_invariant_and_reports_fragmentation() -> None:
             num_used_slots=1,
             num_reserved_slots=0,
             num_free_slots=8,
-            num_fragmented_slots=0,
+            num_internal_fragmented_slots=0,
             num_shared_slots=0,
             num_free_blocks=4,
             num_sequences=1,

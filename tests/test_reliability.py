@@ -201,7 +201,7 @@ def test_numpy_token_ids_are_accepted(tiny, reference):
         ({"scheduler": "nope"}, KeyError, "unknown scheduler 'nope'; available: fair, fcfs, ltr"),
         ({"allocator": 123}, TypeError, "allocator must be a registered name.*lacks"),
         ({"allocator": object()}, TypeError, "lacks can_ever_fit"),
-        ({"allocator": "nope"}, KeyError, "unknown allocator 'nope'; available: contiguous"),
+        ({"allocator": "nope"}, KeyError, "unknown allocator 'nope'; available: buddy, contiguous"),
         ({"clock": "sundial"}, ValueError, "clock must be one of"),
     ],
 )

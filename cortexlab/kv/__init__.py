@@ -8,6 +8,7 @@ from cortexlab.kv.base import (
     KVSequence,
     KVUsage,
     OutOfBlocks,
+    SharingAllocator,
     longest_run,
     slot_mapping,
 )
@@ -19,6 +20,16 @@ register = allocators.register
 # What the engine calls on an allocator; a user-defined one needs all of it.
 ALLOCATOR_METHODS = ("can_ever_fit", "can_allocate", "allocate", "can_append", "append", "free")
 ALLOCATOR_ATTRIBUTES = ("num_blocks", "block_size", "num_free_blocks", "usage")
+# The optional rest (SharingAllocator): every BlockAllocator has it, neutral unless it shares.
+SHARING_METHODS = (
+    "num_cached_tokens",
+    "seal",
+    "can_fork",
+    "fork",
+    "prepare_write",
+    "take_copies",
+    "usable_free_slots",
+)
 
 
 def available() -> list[str]:
@@ -48,17 +59,22 @@ def as_allocator(spec: Any, *, num_blocks: int, block_size: int) -> Allocator:
 
 
 # Imported after `register` exists: each policy module registers itself on import.
+from cortexlab.kv.buddy import BuddyAllocator  # noqa: E402
 from cortexlab.kv.contiguous import ContiguousAllocator  # noqa: E402
 from cortexlab.kv.paged import PagedAllocator  # noqa: E402
+from cortexlab.kv.prefix import PrefixAllocator  # noqa: E402
 
 __all__ = [
     "Allocator",
     "BlockAllocator",
+    "BuddyAllocator",
     "ContiguousAllocator",
     "KVSequence",
     "KVUsage",
     "OutOfBlocks",
     "PagedAllocator",
+    "PrefixAllocator",
+    "SharingAllocator",
     "allocators",
     "as_allocator",
     "available",

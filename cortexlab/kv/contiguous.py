@@ -39,6 +39,10 @@ class ContiguousAllocator(BlockAllocator):
         # Reserve the most the sequence can ever hold, so append never has to move it.
         return self.num_blocks_needed(seq.max_num_tokens)
 
+    def usable_free_slots(self, seq: KVSequence) -> int:
+        """Slots of the largest free run: a reservation cannot span two runs."""
+        return self.largest_free_run() * self.block_size
+
     def _shortage_detail(self) -> str:
         return f" (largest run of consecutive free blocks: {self.largest_free_run()})"
 
