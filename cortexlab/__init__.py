@@ -3,7 +3,7 @@
 # backend must be imported before anything imports mlx: it loads the fast BLAS.
 from cortexlab.backend import info, seed  # noqa: I001
 from cortexlab import guard, kv, sampling, schedulers
-from cortexlab.engine import Engine, Result
+from cortexlab.engine import Completion, Engine, Result
 from cortexlab.guard import EngineError, PolicyError, StallError, StepError
 from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
@@ -22,6 +22,7 @@ __all__ = [
     "PolicyError",
     "Request",
     "RequestState",
+    "Completion",
     "Result",
     "SamplingParams",
     "StallError",

@@ -20,6 +20,7 @@ from typing import Any
 
 from cortexlab.backend import warn_if_slow
 from cortexlab.clock import Clock
+from cortexlab.forks import fork_ready, make_forks, unforked
 from cortexlab.guard import (
     EngineError,
     PolicyError,
@@ -34,9 +35,10 @@ from cortexlab.guard import (
     resolve_num_blocks,
     why_impossible,
 )
-from cortexlab.hooks import HookManager, RequestEvent, SamplerEvent, StepEvent
+from cortexlab.hooks import HookManager, KVEvent, RequestEvent, SamplerEvent, StepEvent
 from cortexlab.kv import as_allocator
 from cortexlab.kv.arena import KVArena
+from cortexlab.kv.ledger import KVLedger
 from cortexlab.models.base import Model
 from cortexlab.request import (
     FinishReason,
@@ -49,11 +51,11 @@ from cortexlab.request import (
 from cortexlab.runner import RowWork, Runner
 from cortexlab.sampling import Sampler
 from cortexlab.schedulers import Batch, SchedulerConfig, SchedulerState, as_scheduler
-from cortexlab.serving import Result, Serving
+from cortexlab.serving import Completion, Result, Serving
 
 import mlx.core as mx
 
-__all__ = ["Engine", "Result", "StepError"]
+__all__ = ["Completion", "Engine", "Result", "StepError"]
 
 DEFAULT_KV_MEMORY_BYTES = 1 << 30
 DEFAULT_MAX_HISTORY = 1024
@@ -151,6 +153,9 @@ class Engine(Serving):
             waiting=deque(), running=[], allocator=self.allocator, config=self.config
         )
         self.hook_manager = HookManager()
+        self.kv = KVLedger(self.allocator, self.arena, self.hook_manager, self._fire_kv)
+        # Parents of parallel samples whose forks wait for the parent's prompt (forks.py).
+        self._fork_parents: dict[int, Request] = {}
         self.num_steps = 0
         self.last_batch: Batch | None = None
         self.requests = RequestTable(max_history=max_history)
@@ -183,6 +188,11 @@ class Engine(Serving):
             self.hook_manager.fire(
                 name, RequestEvent(name, self.clock.now(), self.num_steps, request)
             )
+
+    def _fire_kv(self, name: str, request: Any, block_ids: tuple, data: dict) -> None:
+        if self.hook_manager.is_active(name):
+            event = KVEvent(name, self.clock.now(), self.num_steps, request, block_ids, data)
+            self.hook_manager.fire(name, event)
 
     def _fire_step(self, name: str, data: dict | None = None) -> None:
         if self.hook_manager.is_active(name):
@@ -241,6 +251,8 @@ class Engine(Serving):
             arrival = now if arrival_time is None else max(float(arrival_time), now)
             request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival)
             reason = why_impossible(request, self.model, self.config, self.allocator)
+            for fork in make_forks(request, self.requests.claim_id):
+                self.requests.add(fork)
             if reason is not None:
                 request.arrival_time = now  # it fails now, so it arrives now
             self.requests.add(request)
@@ -249,6 +261,8 @@ class Engine(Serving):
                 heapq.heappush(self._pending, (arrival, self._num_submitted, request))
             elif reason is None:
                 self._incoming.append(request)
+            if request.forks:
+                self._fork_parents[id(request)] = request
         if reason is not None:
             with self._step_lock:
                 self._fire_request("request.arrived", request)
@@ -261,7 +275,7 @@ class Engine(Serving):
         if not isinstance(request, Request):
             request = self.get_request(request)
         with self._lock:
-            self._cancels.add(id(request))
+            self._cancels.update(id(r) for r in request.samples)
 
     def _wait_for_arrival(self) -> None:
         """With nothing to do but future arrivals: jump (measured) or sleep (wall) to the next."""
@@ -369,6 +383,7 @@ class Engine(Serving):
         self.last_batch = None
         self._admit_arrivals()
         self.state.now = self.clock.now()
+        self.state.allocator = self.kv.view()
         self._fire_step("step.begin")
         batch = self.last_batch = self._schedule(t0)
         for request in batch.preempted:
@@ -385,6 +400,7 @@ class Engine(Serving):
             self._fire_step("step.batch", _batch_data(batch))
         sampled = [s.request for s in batch.scheduled if s.needs_logits]
         try:
+            self.kv.apply_copies()  # copy-on-write from this step's appends, before reads
             rows = [
                 RowWork(
                     s.request.block_table,
@@ -395,6 +411,9 @@ class Engine(Serving):
                 for s in batch.scheduled
             ]
             logits = self.runner.forward(rows)
+            if self._fork_parents:
+                logits, sampled = self._fork(logits, sampled)
+                self.kv.apply_copies()  # after the writes the forks' copies must see
             record = self.hook_manager.is_active("sampler.distribution")
             drawn = self.sampler.sample(logits, sampled, record=record)
             # The one sync of the step: tokens and every arena write together.
@@ -411,6 +430,7 @@ class Engine(Serving):
         now = self.clock.now()
         for s in batch.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+        self.kv.seal(s.request for s in batch.scheduled)
         if record and self.hook_manager.is_active("sampler.distribution"):
             event = SamplerEvent("sampler.distribution", now, self.num_steps, distributions)
             self.hook_manager.fire("sampler.distribution", event)
@@ -440,6 +460,28 @@ class Engine(Serving):
             raise failure
         return ended
 
+    def _fork(self, logits: mx.array, sampled: list[Request]) -> tuple[mx.array, list[Request]]:
+        """Fork the parallel samples whose parent computed its prompt in this step; each
+        fork samples its first token from its parent's logits row (cortexlab/forks.py)."""
+        rows, forked = list(range(len(sampled))), []
+        now = self.clock.now()
+        for i, parent in enumerate(list(sampled)):
+            if self._fork_parents.pop(id(parent), None) is None:
+                continue
+            ready, released = fork_ready(parent, self.state, now)
+            for fork in ready + released:
+                self._fire_request("request.arrived", fork)
+                self._detokenizers[id(fork)] = self.model.tokenizer.detokenizer()
+                self._admitted[id(fork)] = fork
+            for fork in ready:
+                self._fire_request("request.scheduled", fork)
+            self.state.waiting.extend(released)
+            rows += [i] * len(ready)
+            forked += ready
+        if not forked:
+            return logits, sampled
+        return logits[mx.array(rows)], sampled + forked
+
     def _watch_progress(self, t0: float) -> None:
         """Fail the stuck requests when empty steps stop changing anything."""
         if not (self.state.waiting or self.state.running):
@@ -467,21 +509,14 @@ class Engine(Serving):
                 "num_running": len(self.state.running),
             }
             try:
-                usage = self.allocator.usage()
+                data.update(self.kv.columns(self.state.waiting))
             except Exception as exc:  # a user allocator's accounting bug costs its columns only
                 warnings.warn(
                     f"{type(self.allocator).__name__}.usage() raised {exc!r}", stacklevel=3
                 )
-            else:
-                data.update(
-                    kv_num_slots=usage.num_slots,
-                    kv_used_slots=usage.num_used_slots,
-                    kv_reserved_slots=usage.num_reserved_slots,
-                    kv_fragmented_slots=usage.num_fragmented_slots,
-                    kv_free_slots=usage.num_free_slots,
-                    kv_utilization=usage.utilization,
-                )
             self._fire_step("step.end", data)
+        if self.hook_manager.is_active("kv.blocks"):
+            self._fire_step("kv.blocks", self.kv.snapshot(self.state.running))
         self.num_steps += 1
         self._notify()
 
@@ -502,7 +537,7 @@ class Engine(Serving):
         elif request in self.state.waiting:
             self.state.waiting.remove(request)
         try:
-            self.allocator.free(request)
+            self.state.allocator.free(request)
         except Exception as exc:
             warnings.warn(
                 f"{type(self.allocator).__name__}.free() raised {exc!r} for request "
@@ -519,6 +554,11 @@ class Engine(Serving):
         with self._lock:
             self.requests.retire(request)
         self._fire_request("request.finished", request)
+        if self._fork_parents.pop(id(request), None) is not None:
+            # Its prompt was never computed: the forks end with it, for the same reason.
+            for fork in unforked(request):
+                self._fire_request("request.arrived", fork)
+                self._end(fork, reason, now, error=error, message=message or request.error)
 
     def _notify(self) -> None:
         with self._progress:

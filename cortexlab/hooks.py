@@ -19,8 +19,14 @@ HOOK_POINTS = (
     "step.begin",
     "step.batch",
     "sampler.distribution",
+    "kv.allocate",
+    "kv.append",
+    "kv.free",
+    "kv.evict",
+    "kv.blocks",
     "step.end",
 )
+KV_POINTS = ("kv.allocate", "kv.append", "kv.free", "kv.evict")
 
 Hook = Callable[[Any], None]
 
@@ -42,6 +48,25 @@ class StepEvent:
     name: str
     time: float
     step: int
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class KVEvent:
+    """An allocator call changed a request's blocks (fired only while a ``kv.*`` hook listens).
+
+    `block_ids`: kv.allocate, the whole new table; kv.append, the blocks added plus the
+    copies that replaced shared ones; kv.free, the table given back; kv.evict, the cached
+    blocks evicted to make room for `request`. `data`: num_tokens (the request's new
+    total), num_cached_tokens (kv.allocate: leading tokens served by the prefix cache),
+    copied (kv.append: (src, dst) copy-on-write pairs), forked_from (kv.allocate by fork).
+    """
+
+    name: str
+    time: float
+    step: int
+    request: Any
+    block_ids: tuple[int, ...]
     data: dict = field(default_factory=dict)
 
 

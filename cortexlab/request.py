@@ -146,6 +146,7 @@ class FrozenMap(Mapping):
 # OpenAI's limits: penalties in [-2, 2], at most 20 alternatives per token.
 MAX_ABS_OPENAI_PENALTY = 2.0
 MAX_LOGPROBS = 20
+MAX_N = 64  # parallel samples per request (SamplingParams.n)
 DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")
 
 
@@ -190,6 +191,7 @@ class SamplingParams:
     banned_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     logprobs: int | None = None
+    n: int = 1
     order: str | tuple | None = None
     extra: Mapping[str, Any] = field(default_factory=FrozenMap)
 
@@ -253,6 +255,7 @@ class SamplingParams:
             rule = f"None or an int in [0, {MAX_LOGPROBS}]"
             put("logprobs", _int("logprobs", self.logprobs, rule,
                                  lambda v: 0 <= v <= MAX_LOGPROBS))  # fmt: skip
+        put("n", _int("n", self.n, f"an int in [1, {MAX_N}]", lambda v: 1 <= v <= MAX_N))
         put("order", self._normalise_order(self.order))
         if not isinstance(self.extra, Mapping) or not all(isinstance(k, str) for k in self.extra):
             raise _fail("extra", "a mapping with str keys (read by the stages)", self.extra)
@@ -385,6 +388,8 @@ class Request:
         "text",
         "seed",
         "sampling_state",
+        "parent",
+        "forks",
         "__weakref__",
     )
 
@@ -428,6 +433,15 @@ class Request:
         # The sampler's per-request bookkeeping (token counts, stage state, logprobs); it
         # creates this on the request's first sampled step.
         self.sampling_state: Any = None
+        # Parallel samples (SamplingParams.n > 1): the first sample is the request itself,
+        # the others are forks whose `parent` it is (cortexlab/forks.py).
+        self.parent: Request | None = None
+        self.forks: tuple[Request, ...] = ()
+
+    @property
+    def samples(self) -> list[Request]:
+        """This request and its forks (SamplingParams.n of them), in sample order."""
+        return [self, *self.forks]
 
     # -- token counts -------------------------------------------------------------------
     @property

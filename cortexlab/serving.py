@@ -23,6 +23,19 @@ import mlx.core as mx
 
 
 @dataclass(slots=True)
+class Completion:
+    """One of a request's parallel samples (``SamplingParams(n=k)``)."""
+
+    index: int
+    request_id: str | int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    error: str | None = None
+    logprobs: list[dict] | None = None
+
+
+@dataclass(slots=True)
 class Result:
     """A finished request as the caller sees it."""
 
@@ -36,6 +49,8 @@ class Result:
     # With SamplingParams(logprobs=k): one OpenAI-style entry per output token (token,
     # logprob, bytes, top_logprobs, plus token_id, rank, raw_logprob, fallback).
     logprobs: list[dict] | None = None
+    # With SamplingParams(n=k): all k samples, this one first (sample i seeded seed + i).
+    completions: list[Completion] = field(default_factory=list)
 
     def _repr_html_(self) -> str:
         import html
@@ -87,6 +102,7 @@ class Serving:
     def _wait(self, requests: Sequence[Request]) -> None:
         """Until every request ended (stepping here unless the background loop runs); then
         raise the step error that failed one of them, if any."""
+        requests = [s for r in requests for s in r.samples]
         while not all(r.is_finished for r in requests):
             if self._is_background_running():
                 with self._progress:
@@ -165,6 +181,18 @@ class Serving:
                 ),
             },
             logprobs=self.sampler.logprobs(request),
+            completions=[
+                Completion(
+                    index=i,
+                    request_id=s.request_id,
+                    text=s.text,
+                    token_ids=list(s.output_token_ids),
+                    finish_reason=s.finish_reason.value if s.finish_reason else None,
+                    error=s.error,
+                    logprobs=self.sampler.logprobs(s),
+                )
+                for i, s in enumerate(request.samples)
+            ],
         )
 
     def stream(

@@ -118,6 +118,37 @@ class KVArena:
         heads = np.arange(self.num_kv_heads)
         return table[:, None, :] * self.num_kv_heads + heads[None, :, None]
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, (src, dst) pairs applied in order (lazily, in every layer).
+
+        Copy-on-write and non-sharing forks call this between a step's writes and the next
+        read, so the copies land after the writes they must see and before the reads.
+        """
+        if not copies:
+            return
+        src, dst = (np.asarray(ids, dtype=np.int64) for ids in zip(*copies, strict=True))
+        self.ensure(int(max(src.max(), dst.max())))
+        self._check(src)
+        self._check(dst)
+        # A chain a->b, b->c must read b before it is overwritten: apply in dependency-free
+        # rounds (the allocators never chain copies, but a user allocator might).
+        if len(set(dst.tolist()) & set(src.tolist())) or len(set(dst.tolist())) < len(dst):
+            for pair in copies:
+                self.copy_blocks_round([pair])
+            return
+        self.copy_blocks_round(copies)
+
+    def copy_blocks_round(self, copies: list[tuple[int, int]]) -> None:
+        """Copy (src, dst) block pairs whose targets are distinct and not sources."""
+        h, bs = self.num_kv_heads, self.block_size
+        src, dst = (np.asarray(ids, dtype=np.int64) for ids in zip(*copies, strict=True))
+        within = np.arange(h * bs)
+        src_rows = mx.array((src[:, None] * h * bs + within).reshape(-1).astype(np.int32))
+        dst_rows = mx.array((dst[:, None] * h * bs + within).reshape(-1).astype(np.int32))
+        for layer in range(self.num_layers):
+            self.keys[layer][dst_rows] = self.keys[layer][src_rows]
+            self.values[layer][dst_rows] = self.values[layer][src_rows]
+
     def gather(self, layer: int, rows: mx.array) -> tuple[mx.array, mx.array]:
         """K and V `[G, H, nb * block_size, D]` for block rows `[G, H, nb]`."""
         g, h, nb = rows.shape

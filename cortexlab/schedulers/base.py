@@ -135,12 +135,35 @@ class BaseScheduler:
     def check_config(self, config: SchedulerConfig) -> None:
         """Raise ValueError if this policy cannot run under `config` (the engine asks once)."""
 
-    def admit(self, state: SchedulerState, request: Request, num_new_tokens: int) -> None:
-        """Give a waiting request blocks for its first `num_new_tokens` and start it."""
-        state.allocator.allocate(request, request.num_computed_tokens + num_new_tokens)
+    def num_cached_tokens(self, state: SchedulerState, request: Request) -> int:
+        """Leading tokens of a waiting `request` the allocator's prefix cache holds now
+        (0 for allocators without one): admission computes only what comes after them."""
+        if request.num_computed_tokens or request.state is RequestState.RUNNING:
+            return 0
+        lookup = getattr(state.allocator, "num_cached_tokens", None)
+        return lookup(request) if lookup is not None else 0
+
+    def can_admit(self, state: SchedulerState, request: Request, num_new_tokens: int) -> bool:
+        """Whether `admit(state, request, num_new_tokens)` would get its blocks now."""
+        total = request.num_computed_tokens + self.num_cached_tokens(state, request)
+        return state.allocator.can_allocate(request, total + num_new_tokens)
+
+    def admit(self, state: SchedulerState, request: Request, num_new_tokens: int) -> int:
+        """Give a waiting request blocks for its first `num_new_tokens` (after any prefix
+        the cache already holds, which counts as computed) and start it.
+
+        Returns the tokens to schedule: `num_new_tokens`, or fewer when the cache hit
+        grew since `chunk` (a preemption just cached the victim's blocks).
+        """
+        total = request.num_computed_tokens + self.num_cached_tokens(state, request)
+        total = min(total + num_new_tokens, request.num_tokens)
+        hit = state.allocator.allocate(request, total)
+        # The allocator says what it really reused; a plain allocator returns None.
+        request.num_computed_tokens += hit or 0
         state.waiting.remove(request)
         request.transition(RequestState.RUNNING, state.now)
         state.running.append(request)
+        return min(num_new_tokens, total - request.num_computed_tokens)
 
     def preempt(self, state: SchedulerState, victim: Request, batch: Batch) -> None:
         """Recompute preemption: free the victim's blocks and put it first in line."""
@@ -214,20 +237,21 @@ class BaseScheduler:
             if budget == 0 or len(state.running) >= limit:
                 break
             n = self.chunk(state, request, budget)
-            if not n or not state.allocator.can_allocate(request, n):
+            if not n or not self.can_admit(state, request, n):
                 break
-            self.admit(state, request, n)
+            n = self.admit(state, request, n)
             batch.add(request, n)
             budget -= n
         return budget
 
     def chunk(self, state: SchedulerState, request: Request, budget: int) -> int:
-        """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step).
+        """How many of `request`'s uncomputed tokens fit in `budget` (0: none this step);
+        a waiting request's prefix-cache hit is not counted.
 
         With chunked prefill off a prompt runs whole or not at all; recomputing a preempted
         request's prompt + output is chunked regardless, since it may exceed any budget.
         """
-        n = request.num_uncomputed_tokens
+        n = request.num_uncomputed_tokens - self.num_cached_tokens(state, request)
         if n <= budget:
             return n
         if state.config.enable_chunked_prefill or request.num_output_tokens > 0:

@@ -93,9 +93,9 @@ class VTCScheduler(BaseScheduler):
                 tenant = min(heads, key=self.counters.__getitem__)
                 request = queues[tenant][heads[tenant]]
                 n = self.chunk(state, request, budget)
-                if not n or not state.allocator.can_allocate(request, n):
+                if not n or not self.can_admit(state, request, n):
                     break  # no overtaking: the least-served tenant's request goes first
-                self.admit(state, request, n)
+                n = self.admit(state, request, n)
                 self.charge(request, n)
                 batch.add(request, n)
                 budget -= n

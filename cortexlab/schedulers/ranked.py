@@ -72,7 +72,7 @@ class RankedScheduler(BaseScheduler):
                 if not n or not self._make_room(state, request, n, batch):
                     is_admitting = False
                     continue
-                self.admit(state, request, n)
+                n = self.admit(state, request, n)
                 budget -= self._add(batch, request, n)
         self.end(state, batch)
         return batch
@@ -94,8 +94,7 @@ class RankedScheduler(BaseScheduler):
     def _make_room(self, state: SchedulerState, request: Request, n: int, batch: Batch) -> bool:
         """A seat and first blocks for waiting `request`, evicting lower ranks if preemptive."""
         limit = state.config.max_num_seqs
-        total = request.num_computed_tokens + n
-        while not (len(state.running) < limit and state.allocator.can_allocate(request, total)):
+        while not (len(state.running) < limit and self.can_admit(state, request, n)):
             victim = next(iter(self._unscheduled_worst_first()), None)
             if (
                 not self.is_preemptive
