@@ -42,6 +42,17 @@ CONFIGS = {
     ),
     "paged-preempt-bs1": dict(allocator="paged", block_size=1, num_blocks=212),
     "contiguous-tight": dict(allocator="contiguous", block_size=4, num_blocks=60),
+    "buddy-bs16": dict(allocator="buddy", block_size=16),
+    "buddy-bs1-chunked": dict(allocator="buddy", block_size=1, max_num_batched_tokens=37),
+    "buddy-preempt": dict(
+        allocator="buddy", block_size=16, num_blocks=16, max_num_batched_tokens=64
+    ),
+    "prefix-bs16": dict(allocator="prefix", block_size=16),
+    # A preempted request recomputes through its own cached prompt blocks (cache hits).
+    "prefix-preempt": dict(
+        allocator="prefix", block_size=16, num_blocks=14, max_num_batched_tokens=64
+    ),
+    "prefix-preempt-bs1": dict(allocator="prefix", block_size=1, num_blocks=212),
 }
 
 
