@@ -311,3 +311,32 @@ def test_each_kv_plot_returns_the_axes_it_drew_on(block_trace):
     for call in calls:
         ax = call(None)
         assert ax.figure.number != fig.number and ax.get_title()
+
+
+# -- against the engine, once it fires kv.blocks ---------------------------------------
+@pytest.mark.skipif(
+    "kv.blocks" not in cl.hooks.HOOK_POINTS, reason="the engine does not fire kv.blocks yet"
+)
+@pytest.mark.parametrize("allocator", ["paged", "prefix"])
+def test_engine_blocks_agree_with_the_step_columns(tiny, allocator):
+    engine = cl.Engine(tiny, block_size=4, num_blocks=12, allocator=allocator)
+    trace = cl.Trace(blocks=True)
+    prompts = [[7] * 9 + [1 + i] for i in range(3)]  # a shared 2-block prefix
+    with engine.hooks(trace.hooks):
+        engine.generate(prompts[:1], cl.SamplingParams(max_tokens=2))  # fills the cache
+        engine.generate(prompts, cl.SamplingParams(max_tokens=4, ignore_eos=True))
+    blocks, steps = trace.blocks, trace.steps.set_index("step")
+    assert blocks.attrs["num_blocks"] == 12 and blocks.attrs["allocator"] == allocator
+    for step, rows in blocks.groupby("step"):
+        held = rows[rows["state"] != "cached"].groupby("block_id")
+        kv = steps.loc[step]
+        assert held["num_tokens"].max().sum() == kv["kv_used_slots"]
+        assert held.ngroups * 4 == kv["kv_used_slots"] + kv["kv_reserved_slots"]
+        for state in ("cached", "shared"):
+            if f"kv_{state}_slots" in kv:
+                assert (
+                    rows.loc[rows["state"] == state, "block_id"].nunique() * 4
+                    == (kv[f"kv_{state}_slots"])
+                )
+        codes = trace.block_map(step)
+        assert (codes == -1).sum() * 4 == kv["kv_free_slots"]
