@@ -34,6 +34,15 @@ two overlap (TTFT, TPOT, ITL, E2E, request and output-token throughput, goodput)
   the interval; here a step serves a tenant 1 per prefill (or recomputed) token and 2 per
   decode token the model processes, as the `fair` scheduler charges. A fair scheduler keeps
   it bounded.
+- KV slots (`kv_breakdown`, `kv_waste`): after each step every slot of the arena is exactly
+  one of holding (a real token), reserved (held by a sequence, no token yet, not internal),
+  internal (internal fragmentation: the unused tail of a sequence's last block, and buddy's
+  rounding past its maximum), cached (prefix cache, unreferenced, evictable), external
+  (external fragmentation: free or cached slots the first waiting request could not be
+  given under the allocator's policy, counted here within free), free (the rest).
+  ``kv_waste`` averages each share of all slots over the steps with at least one running
+  sequence; ``token_utilization`` is holding / (holding + reserved + internal), the share
+  of allocated slots that hold tokens (the PagedAttention paper's measure).
 """
 
 from __future__ import annotations
@@ -161,6 +170,84 @@ def service_gap(requests: pd.DataFrame, steps: pd.DataFrame) -> float:
             low, high = min(low, running), max(high, running)
             gap = max(gap, high - low)
     return gap
+
+
+KV_PARTS = ("holding", "reserved", "internal", "cached", "external", "free")
+
+
+def kv_breakdown(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per step with KV columns: its slots split into `KV_PARTS` plus num_slots (each row sums
+    to it). Reads the engine's ``kv_*`` step columns; older traces without kv_internal_slots,
+    kv_cached_slots or kv_external_slots give kv_fragmented_slots, 0 and 0."""
+    required = ["kv_used_slots", "kv_reserved_slots", "kv_free_slots"]
+    missing = [c for c in required if c not in steps.columns]
+    if missing:
+        raise ValueError(f"the steps table lacks KV column(s) {missing}")
+    rows = steps.dropna(subset=required)
+
+    def column(name: str, *older: str) -> pd.Series:
+        for c in (name, *older):
+            if c in rows.columns:
+                return rows[c].astype(float).fillna(0.0)
+        return pd.Series(0.0, index=rows.index)
+
+    used, reserved, free = (rows[c].astype(float) for c in required)
+    internal = column("kv_internal_slots", "kv_fragmented_slots")
+    cached = column("kv_cached_slots")
+    total = used + reserved + cached + free
+    if "kv_num_slots" in rows.columns:
+        total = rows["kv_num_slots"].astype(float).fillna(total)
+    # The engine's count may include cached slots; a plot can only carve it out of free.
+    external = np.minimum(column("kv_external_slots").clip(lower=0.0), free)
+    return pd.DataFrame(
+        {
+            "holding": used,
+            "reserved": reserved - internal,
+            "internal": internal,
+            "cached": cached,
+            "external": external,
+            "free": total - used - reserved - cached - external,
+            "num_slots": total,
+        },
+        index=rows.index,
+    )
+
+
+def kv_waste(steps: pd.DataFrame) -> dict[str, float]:
+    """Mean (and peak) share of KV slots per `KV_PARTS` over the steps with a running
+    sequence, token_utilization, and the prefix cache's hit rate, evictions and sharing."""
+    parts = kv_breakdown(steps)
+    rows = steps.loc[parts.index]
+    if "num_running" in rows.columns:
+        busy = rows["num_running"].fillna(0).to_numpy() > 0
+    else:  # a hand-made table: a step that holds something had a sequence running
+        busy = (parts["holding"] + parts["reserved"] + parts["internal"]).to_numpy() > 0
+    parts = parts[busy]
+    shares = parts[list(KV_PARTS)].div(parts["num_slots"].where(parts["num_slots"] > 0), axis=0)
+    held = parts["holding"] + parts["reserved"] + parts["internal"]
+    token_utilization = parts["holding"] / held.where(held > 0)
+    names = {p: f"{p}_share" for p in KV_PARTS} | {"holding": "utilization"}
+    out = {names[p]: _mean(shares[p]) for p in KV_PARTS}
+    out["token_utilization"] = _mean(token_utilization)
+    for p in ("holding", "reserved", "internal", "external", "cached"):
+        out[f"peak_{names[p]}"] = float(shares[p].max()) if len(shares) else float("nan")
+    out["num_busy_steps"] = float(len(parts))
+
+    def total(column: str) -> float:  # a cumulative count: its last (largest) value
+        values = steps[column].dropna() if column in steps.columns else ()
+        return float(values.max()) if len(values) else float("nan")
+
+    lookups = total("kv_lookup_tokens")
+    out["hit_rate"] = total("kv_hit_tokens") / lookups if lookups > 0 else float("nan")
+    out["evicted_blocks"] = total("kv_evicted_blocks")
+    sharing = steps["kv_max_sharing"] if "kv_max_sharing" in steps.columns else pd.Series()
+    out["max_sharing"] = float(sharing.max()) if sharing.notna().any() else float("nan")
+    return out
+
+
+def _mean(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def metrics_table(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from cortexlab.hooks import RequestEvent, SamplerEvent, StepEvent
 from cortexlab.metrics import metrics_table, summary_row
+from cortexlab.trace_blocks import BlockRecorder
 
 import numpy as np
 import pandas as pd
@@ -72,14 +73,20 @@ class Trace:
     With ``tokens=True`` it also listens at ``sampler.distribution`` and `.tokens` gives one
     row per sampled token (probability, entropy, rank, tokens kept per stage). That hook
     makes the sampler compute per-stage summaries every step, so it is off by default.
+    With ``blocks=True`` it listens at ``kv.blocks``: `.blocks` and `block_map` show which
+    request held which KV block after each step (the engine then snapshots every block table
+    each step, so it is off by default too).
     It keeps the values it reports, never the `Request` objects, so a finished request is
     freed once the engine lets go of it.
     """
 
-    def __init__(self, *, tokens: bool = False) -> None:
-        if not isinstance(tokens, bool):
-            raise ValueError(f"Trace(tokens=...) must be a bool, got {tokens!r}")
+    def __init__(self, *, tokens: bool = False, blocks: bool = False) -> None:
+        for name, value in (("tokens", tokens), ("blocks", blocks)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Trace({name}=...) must be a bool, got {value!r}")
         self.records_tokens = tokens
+        self.records_blocks = blocks
+        self._blocks = BlockRecorder() if blocks else None
         self._steps: dict[int, dict] = {}
         self._requests: dict = {}
         self._token_times: dict = {}
@@ -94,6 +101,8 @@ class Trace:
         hooks = {"step.*": self._on_step, "request.*": self._on_request}
         if self.records_tokens:
             hooks["sampler.distribution"] = self._on_sampler
+        if self._blocks is not None:
+            hooks["kv.blocks"] = self._blocks.on_blocks
         return hooks
 
     def _on_step(self, event: StepEvent) -> None:
@@ -172,6 +181,39 @@ class Trace:
         kept = [c for c in df.columns if c.startswith("kept_")]
         df = df.reindex(columns=[*_TOKEN_COLUMNS, *kept, "top_ids", "top_probs"])
         return df.astype({c: "Int64" for c in ["rank", *kept]})
+
+    def _block_recorder(self) -> BlockRecorder:
+        if self._blocks is None:
+            raise ValueError(
+                "this Trace does not record KV blocks: use cl.Trace(blocks=True) (it listens at "
+                "kv.blocks, which makes the engine snapshot every block table each step)"
+            )
+        return self._blocks
+
+    @property
+    def blocks(self) -> pd.DataFrame:
+        """One row per held block per block-table entry after each step (``Trace(blocks=True)``
+        only): step, block_id, request_id, index (position in that table), num_tokens (that
+        request's tokens in the block), ref_count (tables holding the block), state ("held",
+        or "shared" when ref_count > 1); plus a row per cached unreferenced block (state
+        "cached", request_id None, ref_count 0, num_tokens <NA>, index its LRU position).
+        ``.attrs`` has num_blocks, block_size, allocator and last_step."""
+        return self._block_recorder().frame()
+
+    def blocks_at(self, step: int | None = None) -> pd.DataFrame:
+        """The `.blocks` rows of one step (default the last recorded), with the same attrs."""
+        recorder = self._block_recorder()
+        return recorder.frame([recorder.snapshot(step).step])
+
+    def block_map(self, step: int | None = None) -> np.ndarray:
+        """Per KV block after `step` (default the last): its owner's code, an index into
+        `block_owner_ids`, or -1 free, -2 cached, -3 shared (``Trace(blocks=True)`` only)."""
+        return self._block_recorder().block_map(step)
+
+    @property
+    def block_owner_ids(self) -> tuple:
+        """Request ids by `block_map` owner code, in the order they first held a block."""
+        return self._block_recorder().owner_ids
 
     @property
     def token_times(self) -> dict:

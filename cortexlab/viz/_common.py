@@ -17,6 +17,24 @@ from matplotlib.patches import Patch
 _TAB20 = colormaps["tab20"].colors
 REQUEST_PALETTE: tuple = tuple(_TAB20[0::2]) + tuple(_TAB20[1::2])
 
+# One colour per kind of KV slot (`cortexlab.metrics.KV_PARTS`), the same in every KV plot.
+KV_COLORS = {
+    "holding": "C0",
+    "reserved": "#9ecae1",
+    "internal": "C1",
+    "cached": "#a1d99b",
+    "external": "#de2d26",
+    "free": "0.88",
+}
+KV_LABELS = {
+    "holding": "holding tokens",
+    "reserved": "reserved, no token yet",
+    "internal": "internal fragmentation",
+    "cached": "cached (prefix, evictable)",
+    "external": "external fragmentation",
+    "free": "free",
+}
+
 _METRICS = {
     "ttft": ("TTFT", "s"),
     "tpot": ("TPOT", "s"),
@@ -35,6 +53,7 @@ _METRICS = {
     "throughput": ("throughput", "tokens/s"),
     "token_throughput": ("token throughput", "tokens/s"),
     "kv_utilization": ("KV utilization", "fraction"),
+    "token_utilization": ("allocated KV slots holding tokens", "fraction"),
     "num_preemptions": ("preemptions", "count"),
 }
 _STAT = re.compile(r"^(?P<base>.+?)_(?P<stat>p\d+(?:\.\d+)?|mean|median|max|min|std)$")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from cortexlab.metrics import KV_PARTS, kv_breakdown
 from cortexlab.viz._common import (
+    KV_COLORS,
+    KV_LABELS,
     as_steps,
     new_axes,
     request_colors,
@@ -17,7 +20,9 @@ from matplotlib.axes import Axes
 from matplotlib.collections import PolyCollection
 from matplotlib.ticker import MaxNLocator
 
-_KV_COLUMNS = ["kv_used_slots", "kv_reserved_slots", "kv_fragmented_slots", "kv_free_slots"]
+# What every trace has; kv_internal_slots (or the older kv_fragmented_slots), kv_cached_slots
+# and kv_external_slots are read when present (`cortexlab.metrics.kv_breakdown`).
+_KV_COLUMNS = ["kv_used_slots", "kv_reserved_slots", "kv_free_slots"]
 
 
 def batch_tokens(data: Any) -> pd.DataFrame:
@@ -101,29 +106,35 @@ def _x(steps: pd.DataFrame, x: str) -> tuple[pd.Series, str]:
 def plot_cache_occupancy(
     trace: Any, *, ax: Axes | None = None, x: str = "step", utilization: bool = True
 ) -> Axes:
-    """Stacked area of the KV arena's slots after each step: holding tokens, reserved and
-    unused, fragmented (unused tail of a last block), free; utilization on a twin axis."""
-    steps = as_steps(trace, ["step", *_KV_COLUMNS]).dropna(subset=_KV_COLUMNS)
+    """Stacked area of the KV arena's slots after each step (holding tokens, reserved,
+    internal fragmentation, cached, external fragmentation, free); utilization on a twin axis."""
+    steps = as_steps(trace, ["step", *_KV_COLUMNS])
+    parts = kv_breakdown(steps)
+    steps = steps.loc[parts.index]
     xs, xlabel = _x(steps, x)
-    used, reserved, fragmented, free = (steps[c] for c in _KV_COLUMNS)
+    # Older traces lack the cached and external columns: leave those layers out, not at 0.
+    shown = [
+        p for p in KV_PARTS if p not in ("cached", "external") or f"kv_{p}_slots" in steps.columns
+    ]
     ax = new_axes(ax, (9, 3.2))
-    ax.stackplot(
+    layers = ax.stackplot(
         xs,
-        used,
-        reserved - fragmented,  # fragmented slots are a part of the reserved ones
-        fragmented,
-        free,
-        labels=["holding tokens", "reserved, unused", "fragmented (last-block tail)", "free"],
-        colors=["C0", "#9ecae1", "C1", "0.88"],
+        *(parts[p] for p in shown),
+        labels=[KV_LABELS[p] for p in shown],
+        colors=[KV_COLORS[p] for p in shown],
     )
-    total = int((used + reserved + free).max()) if len(steps) else 0
+    for part, layer in zip(shown, layers, strict=True):
+        layer.set_gid(part)
+    total = int(parts["num_slots"].max()) if len(parts) else 0
     ax.set(xlabel=xlabel, ylabel="KV slots (tokens)", ylim=(0, max(total, 1)))
+    if x == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = ax.get_legend_handles_labels()
-    peak = used.max() / total if total else 0.0
+    peak = parts["holding"].max() / total if total else 0.0
     ax.set_title(f"KV cache occupancy ({total} slots; peak utilization {peak:.0%})")
     if utilization:
         twin = ax.twinx()
-        share = steps["kv_utilization"] if "kv_utilization" in steps else used / total
+        share = steps["kv_utilization"] if "kv_utilization" in steps else parts["holding"] / total
         twin.plot(xs, share, color="k", linestyle="--", linewidth=1, label="utilization")
         twin.set(ylabel="utilization (holding / all slots)", ylim=(0, 1))
         handles += twin.get_legend_handles_labels()[0]
