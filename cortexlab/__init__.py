@@ -10,7 +10,7 @@ from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
 from cortexlab import metrics, report, viz, workloads
-from cortexlab.experiment import Comparison, compare, run_workload, sweep
+from cortexlab.experiment import Comparison, compare, compare_allocators, run_workload, sweep
 
 __all__ = [
     "HOOK_POINTS",
@@ -29,6 +29,7 @@ __all__ = [
     "StepError",
     "Trace",
     "compare",
+    "compare_allocators",
     "info",
     "guard",
     "kv",

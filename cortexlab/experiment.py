@@ -113,9 +113,12 @@ def run_workload(
     clock: str = "measured",
     slo: Mapping[str, float] | None = None,
     name: str | None = None,
+    blocks: bool = False,
     **engine_kwargs: Any,
 ) -> Run:
     """Run every request of `workload` at its arrival time on a fresh engine; summarise it.
+
+    `blocks=True` records which block each request holds at every step (`Trace(blocks=True)`).
 
     A scheduler or allocator given as an object runs as a copy: every run starts from the
     object as given, which stays unchanged (so a sweep's runs do not share its state).
@@ -130,7 +133,7 @@ def run_workload(
         clock=clock,
         **engine_kwargs,
     )
-    trace, error = Trace(), None
+    trace, error = Trace(blocks=blocks), None
     requests = workload.materialize(model)
     t0 = time.perf_counter()
     with engine.hooks(trace.hooks):
@@ -251,6 +254,48 @@ def compare(
 
 # Deep enough for a policy holding a predictor holding its parameters; cycles stop here.
 MAX_FINGERPRINT_DEPTH = 6
+
+
+def compare_allocators(
+    model: Model,
+    workload: Workload,
+    allocators: Sequence[Any] | Mapping[str, Any] = ("contiguous", "buddy", "paged", "prefix"),
+    *,
+    scheduler: Any = "fcfs",
+    slo: Mapping[str, float] | None = None,
+    clock: str = "measured",
+    blocks: bool = False,
+    progress: bool = True,
+    **engine_kwargs: Any,
+) -> Comparison:
+    """Run `workload` once per KV allocator (same model, scheduler, arena and limits).
+
+    `allocators` is a list (each named by `label`) or a dict name -> allocator; pass
+    `num_blocks`/`block_size` so every allocator gets the same arena. `blocks=True` keeps
+    each run's block tables for `cl.viz.plot_block_map`.
+    """
+    if isinstance(allocators, Mapping):
+        names, allocators = [str(n) for n in allocators], list(allocators.values())
+    else:
+        names = [label(a) for a in allocators]
+    if len(set(names)) != len(names):
+        raise ValueError(f"allocators must have distinct names, got {names}; pass a dict")
+    runs = {}
+    for name, allocator in tqdm(
+        list(zip(names, allocators, strict=True)), desc="allocators", disable=not progress or None
+    ):
+        runs[name] = run_workload(
+            model,
+            workload,
+            scheduler=scheduler,
+            allocator=allocator,
+            clock=clock,
+            slo=slo,
+            name=name,
+            blocks=blocks,
+            **engine_kwargs,
+        )
+    return Comparison(runs, check_slo(slo))
 
 
 def _digest(text: str | bytes) -> str:

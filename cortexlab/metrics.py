@@ -232,12 +232,16 @@ def kv_waste(steps: pd.DataFrame) -> dict[str, float]:
     for p in ("holding", "reserved", "internal", "external", "cached"):
         out[f"peak_{names[p]}"] = float(shares[p].max()) if len(shares) else float("nan")
     out["num_busy_steps"] = float(len(parts))
+    # The largest batch the arena sustained: how many sequences held blocks at once.
+    running = steps["num_running"].dropna() if "num_running" in steps.columns else ()
+    out["max_num_running"] = float(running.max()) if len(running) else float("nan")
 
     def total(column: str) -> float:  # a cumulative count: its last (largest) value
         values = steps[column].dropna() if column in steps.columns else ()
         return float(values.max()) if len(values) else float("nan")
 
     lookups = total("kv_lookup_tokens")
+    out["hit_tokens"] = total("kv_hit_tokens")
     out["hit_rate"] = total("kv_hit_tokens") / lookups if lookups > 0 else float("nan")
     out["evicted_blocks"] = total("kv_evicted_blocks")
     sharing = steps["kv_max_sharing"] if "kv_max_sharing" in steps.columns else pd.Series()
