@@ -2,14 +2,16 @@
 and what the policy guard costs.
 
 For each allocator x block size, a tiny-random engine with an arena small enough to preempt
-takes `--num-requests` requests (prompts 1..64 tokens, outputs 1..32, arrivals spread over
-the run, 5% cancelled at a random later step) and runs them to completion twice: with the
+takes `--num-requests` requests (prompts 1..64 tokens, half behind one of four shared
+32-token heads, outputs 1..32, 10% with 2-3 parallel samples, arrivals spread over the
+run, 5% cancelled at a random later step) and runs them to completion twice: with the
 policy guard on (the default) and off. It prints requests/s, preemptions, cancels, the
-guard's time per step, and checks that every request ended and every block came back.
+guard's time per step, and checks that every request ended, every block came back, and
+every finished request generated the same (greedy) tokens under every configuration.
 
     python benchmarks/stress.py [--num-requests N] [--seed S]
 
-Exits with status 1 on any leak or unfinished request.
+Exits with status 1 on any leak, unfinished request or token mismatch.
 """
 
 # cortexlab must be imported before mlx: it loads the fast BLAS that MLX then binds to.
@@ -27,6 +29,10 @@ CONFIGS = [
     ("paged", 16, 50),
     ("contiguous", 4, 200),
     ("contiguous", 16, 50),
+    ("buddy", 4, 200),
+    ("buddy", 16, 50),
+    ("prefix", 4, 200),
+    ("prefix", 16, 50),
 ]
 
 
@@ -35,9 +41,15 @@ def workload(num_requests: int, seed: int):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 65, num_requests)
     prompts = [[int(t) for t in rng.integers(0, 256, n)] for n in lengths]
+    # Half the prompts start with one of four shared heads, so the prefix cache hits.
+    heads = [[int(t) for t in rng.integers(0, 256, 32)] for _ in range(4)]
+    for i in np.flatnonzero(rng.random(num_requests) < 0.5):
+        prompts[i] = heads[i % 4] + prompts[i]
+    # One request in ten asks for 2 or 3 parallel samples (forks sharing the prompt).
+    samples = np.where(rng.random(num_requests) < 0.1, rng.integers(2, 4, num_requests), 1)
     params = [
-        cl.SamplingParams(max_tokens=int(m), ignore_eos=True)
-        for m in rng.integers(1, 33, num_requests)
+        cl.SamplingParams(max_tokens=int(m), ignore_eos=True, n=int(n))
+        for m, n in zip(rng.integers(1, 33, num_requests), samples, strict=True)
     ]
     # About four new requests per step, so queues stay full and preemption keeps happening.
     arrivals = np.sort(rng.integers(0, max(1, num_requests // 4), num_requests))
@@ -105,8 +117,13 @@ def run(model, allocator: str, block_size: int, num_blocks: int, work, check: bo
             step += 1
     elapsed = time.perf_counter() - t0
     usage = engine.allocator.usage()
+    requests = [s for r in requests for s in r.samples]
     states = [r.state.value for r in requests]
-    return {
+    # Greedy and seeded: a request that finished must have the same tokens under every config.
+    outputs = {
+        r.request_id: tuple(r.output_token_ids) for r in requests if r.state.value == "finished"
+    }
+    return outputs, {
         "allocator": allocator,
         "block_size": block_size,
         "num_blocks": num_blocks,
@@ -119,6 +136,7 @@ def run(model, allocator: str, block_size: int, num_blocks: int, work, check: bo
         "cancelled": states.count("cancelled"),
         "finished": states.count("finished"),
         "failed": states.count("failed"),
+        "hit rate": usage.hit_rate,
         "leaked blocks": engine.allocator.num_blocks - usage.num_free_blocks,
         "unfinished": sum(not r.is_finished for r in requests),
     }
@@ -133,19 +151,28 @@ def main() -> int:
     work = workload(args.num_requests, args.seed)
     import pandas as pd
 
-    rows = []
+    rows, reference = [], None
     for allocator, block_size, num_blocks in CONFIGS:
         for check in (True, False):
-            rows.append(run(model, allocator, block_size, num_blocks, work, check))
-            print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()})
+            outputs, row = run(model, allocator, block_size, num_blocks, work, check)
+            reference = reference or outputs
+            common = outputs.keys() & reference.keys()
+            row["token mismatches"] = sum(outputs[k] != reference[k] for k in common)
+            rows.append(row)
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
     table = pd.DataFrame(rows)
     print()
     print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    bad = table[(table["leaked blocks"] > 0) | (table["unfinished"] > 0) | (table["failed"] > 0)]
+    bad = table[
+        (table["leaked blocks"] > 0)
+        | (table["unfinished"] > 0)
+        | (table["failed"] > 0)
+        | (table["token mismatches"] > 0)
+    ]
     if not bad.empty:
-        print("\nLEAK OR UNFINISHED REQUEST:\n" + bad.to_string(index=False))
+        print("\nLEAK, UNFINISHED REQUEST OR TOKEN MISMATCH:\n" + bad.to_string(index=False))
         return 1
-    print("\nno leaked block, every request ended")
+    print("\nno leaked block, every request ended, finished requests' tokens agree")
     return 0
 
 
