@@ -61,6 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
+            n=args.n,
         )
     except ValueError as exc:
         raise UsageError(f"cortexlab generate: {exc}") from None
@@ -81,13 +82,19 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"\n>>> {prompt}", flush=True)
         before = engine.num_steps
         request = engine.submit(prompt, params, chat=args.chat)
+        if request.forks:
+            print(f"--- sample {request.request_id} (seed {request.seed})", flush=True)
         for delta in engine.stream(request):
             print(delta, end="", flush=True)
         print(flush=True)
-        if request.error:
-            print(f"cortexlab generate: request failed: {request.error}", file=sys.stderr)
+        for fork in request.forks:  # --n: the other samples, which ran alongside
+            engine.run_until_done()
+            print(f"--- sample {fork.request_id} (seed {fork.seed})\n{fork.text}", flush=True)
+        if any(s.error for s in request.samples):
+            error = next(s.error for s in request.samples if s.error)
+            print(f"cortexlab generate: request failed: {error}", file=sys.stderr)
             return 1
-        total_tokens += request.num_output_tokens
+        total_tokens += sum(s.num_output_tokens for s in request.samples)
         print(
             f"[{request.num_prompt_tokens} prompt tokens, {request.num_output_tokens} generated, "
             f"{engine.num_steps - before} steps, finish: {request.finish_reason.value}]",
@@ -172,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap each prompt in the model's chat template (default: on)",
     )
     gen.add_argument("--scheduler", default="fcfs", help="scheduler name (default: fcfs)")
-    gen.add_argument("--allocator", default="paged", help="KV allocator name (default: paged)")
+    gen.add_argument(
+        "--allocator",
+        default="paged",
+        help="KV allocator: paged, contiguous, buddy or prefix (default: paged)",
+    )
+    gen.add_argument(
+        "--n", type=int, default=1, help="parallel samples per prompt, seeds seed+i (default: 1)"
+    )
     _add_engine_flags(gen, max_num_seqs=32)
 
     from cortexlab.study import add_compare_flags

@@ -27,6 +27,22 @@ def test_generate_takes_sampling_and_engine_flags(capsys):
     assert capsys.readouterr().out == first, "seeded sampling repeats"
 
 
+def test_generate_n_prints_every_sample(capsys):
+    argv = ["generate", "--model", "tiny-random", "--no-chat", "--max-tokens", "6", "--n", "3"]
+    argv += ["--temperature", "1.0", "--seed", "4", "--allocator", "prefix", "hello"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    headers = [line for line in out.out.splitlines() if line.startswith("--- sample")]
+    assert headers == [
+        "--- sample 0 (seed 4)",
+        "--- sample 0#1 (seed 5)",
+        "--- sample 0#2 (seed 6)",
+    ]
+    assert "[18 tokens in" in out.err
+    assert main([*argv[:-3], "--n", "0", "hello"]) == 2
+    assert "n must be an int in [1, 64]" in capsys.readouterr().err
+
+
 def test_generate_sampling_flags_reach_the_sampler(capsys):
     base = ["generate", "--model", "tiny-random", "--no-chat", "--max-tokens", "12"]
     base += ["--temperature", "1.5", "--top-p", "0.9"]
