@@ -225,3 +225,19 @@ def test_accounting_partitions_the_arena_every_step(tiny, allocator):
     if allocator == "paged":
         assert (steps.kv_external_slots == 0).all()
     assert_all_free(engine)
+
+
+def test_generated_blocks_are_cached_for_a_follow_up_turn(tiny):
+    engine = cl.Engine(tiny, allocator="prefix", block_size=4)
+    prompt = list(range(1, 11))
+    [first] = engine.generate([prompt], cl.SamplingParams(max_tokens=16, ignore_eos=True))
+    # The follow-up repeats the conversation: prompt + answer, then a new question.
+    follow_up = prompt + first.token_ids + [7, 8, 9]
+    before = engine.allocator.usage().num_hit_tokens
+    [second] = engine.generate([follow_up], cl.SamplingParams(max_tokens=4, ignore_eos=True))
+    # 25 tokens had K/V computed (the last answer token never was): 6 full blocks.
+    assert engine.allocator.usage().num_hit_tokens - before == 24
+    [plain] = cl.Engine(tiny).generate(
+        [follow_up], cl.SamplingParams(max_tokens=4, ignore_eos=True)
+    )
+    assert second.token_ids == plain.token_ids
