@@ -311,7 +311,8 @@ class Engine(Serving):
             self._admitted[id(request)] = request
             self.state.waiting.append(request)
         if cancels:
-            for request in [*self.state.waiting, *self.state.running]:
+            held = [f for p in self._fork_parents.values() for f in unforked(p)]
+            for request in [*self.state.waiting, *self.state.running, *held]:
                 if id(request) in cancels:
                     self._end(request, FinishReason.CANCELLED, now)
 

@@ -162,6 +162,19 @@ def test_cancelling_a_parent_cancels_its_forks(tiny):
     assert_all_free(engine)
 
 
+def test_a_fork_cancelled_before_it_is_forked_stays_cancelled(tiny):
+    engine = cl.Engine(tiny, allocator="prefix")
+    request = engine.submit(list(range(1, 20)), cl.SamplingParams(max_tokens=5, n=3))
+    engine.cancel(request.forks[0].request_id)
+    engine.run_until_done()
+    assert [s.state for s in request.samples] == [
+        RequestState.FINISHED,
+        RequestState.CANCELLED,
+        RequestState.FINISHED,
+    ]
+    assert_all_free(engine)
+
+
 def test_an_impossible_parent_fails_with_its_forks(tiny):
     engine = cl.Engine(tiny, block_size=4, num_blocks=4)
     request = engine.submit(list(range(1, 40)), cl.SamplingParams(max_tokens=4, n=2))
