@@ -662,7 +662,7 @@ class FlakyAllocator:
         return self.inner.num_free_blocks
 
     def allocate(self, seq, num_tokens):
-        self.inner.allocate(seq, num_tokens)
+        hit = self.inner.allocate(seq, num_tokens)
         self.num_calls += 1
         if self.num_calls == self.at_call and self.last is not None and self.last.block_table:
             if self.how == "out_of_range":
@@ -670,6 +670,7 @@ class FlakyAllocator:
             elif self.how == "shared":
                 seq.block_table[0] = self.last.block_table[0]
         self.last = seq
+        return hit
 
 
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
@@ -697,7 +698,9 @@ FAULTS = [
 )
 @given(data=st.data())
 def test_random_workloads_with_faults_keep_every_invariant(tiny, fault, data):
-    allocator_name = data.draw(st.sampled_from(["paged", "contiguous"]), label="allocator")
+    allocator_name = data.draw(
+        st.sampled_from(["paged", "contiguous", "buddy", "prefix"]), label="allocator"
+    )
     block_size = data.draw(st.sampled_from([1, 4, 16]), label="block_size")
     num_requests = data.draw(st.integers(2, 10), label="num_requests")
     specs = [
@@ -709,16 +712,23 @@ def test_random_workloads_with_faults_keep_every_invariant(tiny, fault, data):
         )
         for _ in range(num_requests)
     ]
+    rng = np.random.default_rng(len(specs))
+    token_prompts = [[int(t) for t in rng.integers(0, 256, p)] for p, _, _, _ in specs]
+    if allocator_name == "prefix":  # shared heads, so the cache hits and blocks are shared
+        head = token_prompts[0][:8]
+        token_prompts = [head + p if i % 2 else p for i, p in enumerate(token_prompts)]
+        specs = [(len(tp), *spec[1:]) for tp, spec in zip(token_prompts, specs, strict=True)]
     largest = max(p + m for p, m, _, _ in specs)
     min_blocks = -(-largest // block_size)
     # Tight arenas: growing requests must preempt each other.
     num_blocks = min_blocks + data.draw(st.integers(0, min_blocks // 2), label="extra_blocks")
     budget = data.draw(st.sampled_from([8, 32, 2048]), label="max_num_batched_tokens")
     at = data.draw(st.integers(1, 12), label="fault_at")
-
-    rng = np.random.default_rng(len(specs))
-    token_prompts = [[int(t) for t in rng.integers(0, 256, p)] for p, _, _, _ in specs]
-    params = [cl.SamplingParams(max_tokens=m, ignore_eos=True) for _, m, _, _ in specs]
+    samples = [data.draw(st.sampled_from([1, 1, 2, 3]), label="n") for _ in specs]
+    params = [
+        cl.SamplingParams(max_tokens=m, ignore_eos=True, n=n)
+        for (_, m, _, _), n in zip(specs, samples, strict=True)
+    ]
     reference = [r.token_ids for r in cl.Engine(tiny).generate(token_prompts, params)]
 
     scheduler = FCFSScheduler()
@@ -756,7 +766,10 @@ def test_random_workloads_with_faults_keep_every_invariant(tiny, fault, data):
             except cl.guard.EngineError:
                 pass
     assert not engine.has_unfinished, "the run must end"
-    for request, ref in zip(submitted, reference, strict=True):
+    # Greedy: every parallel sample of a request has the request's reference tokens.
+    submitted = [s for r in submitted for s in r.samples]
+    expected = [ref for p, ref in zip(params, reference, strict=True) for _ in range(p.n)]
+    for request, ref in zip(submitted, expected, strict=True):
         assert request.is_finished, request
         if request.state is RequestState.FINISHED:
             assert request.output_token_ids == ref, "a finished request has exact tokens"

@@ -553,7 +553,7 @@ request_spec = st.tuples(
     max_num_seqs=st.integers(1, 4),
     max_num_batched_tokens=st.integers(4, 24),
     is_chunked=st.booleans(),
-    allocator=st.sampled_from(["paged", "contiguous"]),
+    allocator=st.sampled_from(["paged", "contiguous", "buddy", "prefix"]),
 )
 def test_every_request_finishes_under_every_policy(
     tiny, policy, specs, num_blocks, max_num_seqs, max_num_batched_tokens, is_chunked, allocator
@@ -599,7 +599,10 @@ def test_policies_do_not_change_greedy_outputs(tiny):
     reference, _ = outputs("fcfs", num_blocks=64)
     num_preemptions = 0
     for name, make in POLICIES.items():
-        tokens, n = outputs(make(), num_blocks=6, max_num_seqs=3, max_num_batched_tokens=8)
-        assert tokens == reference, name
-        num_preemptions += n
+        for allocator in ("paged", "prefix"):  # prefix: recomputation hits the cache
+            tokens, n = outputs(
+                make(), allocator=allocator, num_blocks=6, max_num_seqs=3, max_num_batched_tokens=8
+            )
+            assert tokens == reference, (name, allocator)
+            num_preemptions += n
     assert num_preemptions > 0, "the tight arena should force preemptions"
