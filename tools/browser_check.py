@@ -260,12 +260,17 @@ def wait_for(page, predicate, timeout: float, what: str, poll: float = 0.5):
 
 def accept_kernel_dialog(page) -> bool:
     """A notebook whose kernel is unknown opens 'Select Kernel': accept the proposed one."""
+    from playwright.sync_api import Error as PlaywrightError
+
     dialog = page.locator(".jp-Dialog")
-    if dialog.count() and dialog.first.is_visible():
-        title = dialog.first.inner_text().splitlines()[0] if dialog.first.inner_text() else ""
-        log(f"  dialog {title!r}: accepting")
-        dialog.locator(".jp-mod-accept").first.click()
-        return True
+    try:
+        if dialog.count() and dialog.first.is_visible():
+            title = (dialog.first.inner_text(timeout=2000).strip().splitlines() or [""])[0]
+            log(f"  dialog {title!r}: accepting")
+            dialog.locator(".jp-mod-accept").first.click(timeout=5000)
+            return True
+    except PlaywrightError:  # it closed by itself between the checks: poll again
+        pass
     return False
 
 
@@ -413,7 +418,9 @@ def check_notebook(browser, server: LabServer, copy: Path, args) -> dict:
         rel = copy.relative_to(server.root).as_posix()
         page.goto(f"{server.url}/lab/tree/{rel}?reset&token={server.token}")
         page.wait_for_selector(".jp-Notebook", timeout=120_000)
-        page.evaluate("() => window.jupyterapp.commands.execute('application:toggle-left-area')")
+        page.evaluate(
+            "() => { const s = window.jupyterapp.shell; s.collapseLeft && s.collapseLeft(); }"
+        )
         state = wait_for(page, lambda: kernel_ready(page), args.kernel_timeout, "an idle kernel")
         log(f"  kernel {state['kernel']!r} ({state['display']}), {len(state['cells'])} code cells")
         t1 = time.monotonic()
