@@ -1,10 +1,14 @@
 # Two entry points: `make demo` runs the main job, `make test` the whole suite.
 # Both set up .venv on first use; nothing else has to be installed by hand.
+# `make test-browser` runs every notebook in JupyterLab in Debian's chromium (as root it
+# installs chromium with apt when missing; otherwise it skips, saying so).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cortexlab-installed
+BROWSER_STAMP := $(VENV)/.cortexlab-browser-installed
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-browser lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +33,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests notebooks \
 	  --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+
+# playwright drives Debian's chromium; it never downloads a browser.
+$(BROWSER_STAMP): $(STAMP)
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install -e '.[dev,browser]'
+	touch $(BROWSER_STAMP)
+
+test-browser: $(BROWSER_STAMP)
+	@if [ ! -x $(CHROMIUM) ] && ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "cortexlab: installing Debian's chromium for the browser check"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || { echo "cortexlab: test-browser: apt-get install chromium failed"; exit 1; }; \
+	  fi; \
+	fi; \
+	if [ ! -x $(CHROMIUM) ] && ! command -v chromium >/dev/null; then \
+	  echo "cortexlab: SKIPPED test-browser: chromium is missing and cannot be installed here (not root or no apt-get); run: sudo apt-get install chromium"; \
+	else \
+	  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 CHROMIUM=$(CHROMIUM) $(PY) tools/browser_check.py; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cortexlab tests benchmarks experiments
