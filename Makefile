@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cortexlab-installed
 BROWSER_STAMP := $(VENV)/.cortexlab-browser-installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test test-browser lint bench clean
+.PHONY: setup demo test test-suite test-browser lint bench clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,11 @@ demo: $(STAMP)
 	$(VENV)/bin/cortexlab info
 	$(VENV)/bin/cortexlab compare
 
-test: $(STAMP)
+# The whole test command (what .ci/run calls): the pytest suite with every notebook under
+# nbval, then every notebook in a real browser.
+test: test-suite test-browser
+
+test-suite: $(STAMP)
 	$(PY) -m pytest -q tests notebooks \
 	  --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
