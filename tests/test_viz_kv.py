@@ -254,6 +254,8 @@ def test_kv_waste_means_over_busy_steps():
         "peak_external_share": 0.2,
         "peak_cached_share": 0.1,
         "num_busy_steps": 2,
+        "max_num_running": 3,
+        "hit_tokens": 16,
         "hit_rate": 0.4,
         "evicted_blocks": 3,
         "max_sharing": 3,
