@@ -37,5 +37,18 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 
+# `make docs`: the API reference (from the docstrings) and the guides in docs/*.md as HTML in
+# build/docs/ (pdoc, the `docs` extra); fails on an import error or a pdoc warning.
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.cortexlab-docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf build/docs
+	$(PY) docs/build.py build/docs
+
 clean:
 	rm -rf $(VENV) build *.egg-info
