@@ -26,6 +26,8 @@ GUIDES = ROOT / "docs"
 # pdoc cannot resolve the postponed annotations of the __new__ that typing.NamedTuple
 # generates (it is compiled outside the module); the fields themselves are documented.
 KNOWN_WARNINGS = (r"Error parsing type annotation .* for cortexlab\.workloads\.\w+\.__init__",)
+# The package, plus modules its __all__ leaves out that user code still needs (hook events).
+MODULES = ("cortexlab", "cortexlab.hooks")
 LINK = re.compile(r"\]\((\w+)\.md(#[\w-]+)?\)")
 
 
@@ -65,7 +67,7 @@ def main(output: Path) -> int:
         pdoc.render.configure(docformat="google", footer_text="cortexlab")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pdoc.pdoc("cortexlab", Path(tmp) / "guides", output_directory=output)
+            pdoc.pdoc(*MODULES, Path(tmp) / "guides", output_directory=output)
     failures = []
     for w in caught:
         message = str(w.message)
