@@ -55,18 +55,17 @@ def with_checked_comments(code: str) -> str:
     for node in reversed(ast.parse(code).body):
         if not isinstance(node, ast.Expr) or node.lineno != node.end_lineno:
             continue
-        line = lines[node.lineno - 1]
-        comment = line[node.end_col_offset :].strip()
+        line = lines[node.lineno - 1].encode()  # ast's column offsets count UTF-8 bytes
+        comment = line[node.end_col_offset :].decode().strip()
         if not comment.startswith("#"):
             continue
         try:
             expected = ast.literal_eval(comment[1:].strip())
         except (ValueError, SyntaxError):
             continue  # a prose comment
-        expr = line[node.col_offset : node.end_col_offset]
-        lines[node.lineno - 1] = (
-            f"{line[: node.col_offset]}{CHECK}(({expr}), {expected!r}, {expr!r})"
-        )
+        indent = line[: node.col_offset].decode()
+        expr = line[node.col_offset : node.end_col_offset].decode()
+        lines[node.lineno - 1] = f"{indent}{CHECK}(({expr}), {expected!r}, {expr!r})"
     return "\n".join(lines)
 
 
@@ -90,9 +89,9 @@ def test_every_guide_has_tested_examples():
 
 
 def test_checked_comments():
-    code = with_checked_comments("x = ['a']\nx  # ['a']\nx  # a prose comment\nlen(x)  # 2")
-    assert code.splitlines()[1] == f"{CHECK}((x), ['a'], 'x')"
-    assert code.splitlines()[2] == "x  # a prose comment"
+    code = with_checked_comments("x = ['µ']\n(x, 'µ')  # (['µ'], 'µ')\nx  # a prose\nlen(x)  # 2")
+    assert code.splitlines()[1] == f"{CHECK}(((x, 'µ')), (['µ'], 'µ'), \"(x, 'µ')\")"
+    assert code.splitlines()[2] == "x  # a prose"
     with pytest.raises(AssertionError, match="len\\(x\\) is 1; the page says 2"):
         exec(compile(code, "<check>", "exec"), {CHECK: check_equal})
 
