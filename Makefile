@@ -31,8 +31,8 @@ demo: $(STAMP)
 	$(VENV)/bin/cortexlab compare
 
 # The whole test command (what .ci/run calls): the pytest suite with every notebook under
-# nbval, then every notebook in a real browser.
-test: test-suite test-browser
+# nbval, every notebook in a real browser, and the docs build (so they cannot rot).
+test: test-suite test-browser docs
 
 test-suite: $(STAMP)
 	$(PY) -m pytest -q tests notebooks \
@@ -63,6 +63,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# `make docs`: the API reference (from the docstrings) and the guides in docs/*.md as HTML in
+# build/docs/ (pdoc, the `docs` extra); fails on an import error or a pdoc warning.
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.cortexlab-docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf build/docs
+	$(PY) docs/build.py build/docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

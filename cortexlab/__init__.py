@@ -1,4 +1,9 @@
-"""cortexlab: a Jupyter-first research toolkit for LLM inference serving on MLX."""
+"""cortexlab: a Jupyter-first research toolkit for LLM inference serving on MLX.
+
+Start with `Engine` and `SamplingParams`. The guides (docs/*.md in the repository: every
+engine and sampling parameter, writing a scheduler, an allocator, a sampling stage, hooks)
+are built with this API reference by `make docs`, as the [guides](guides.html) pages.
+"""
 
 # backend must be imported before anything imports mlx: it loads the fast BLAS.
 from cortexlab.backend import info, seed  # noqa: I001

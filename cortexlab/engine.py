@@ -84,6 +84,54 @@ class Engine(Serving):
     Finished requests are kept for `get_request` up to the last `max_history`.
     `sampling_order` is the default stage order ("hf", "llama.cpp", "mlx-lm" or a list of
     stages; see docs/sampling.md); ``SamplingParams.order`` overrides it per request.
+
+    Every argument after `model` is keyword-only. A value outside its range raises
+    ``ValueError`` naming the argument and the range; ``docs/engine.md`` has this list as a
+    table.
+
+    Args:
+        model: The model to serve, from ``cl.load_model()`` (a ``cl.Model``; anything else
+            raises ``TypeError``).
+        scheduler: Who runs each step (default "fcfs"): a registered name
+            (``cl.schedulers.available()``; an unknown name raises ``KeyError`` listing the
+            known ones), a class (built with no arguments), an object with
+            ``schedule(state)``, or a function ``schedule(state) -> Batch``. Its
+            ``check_config(config)``, if it has one, may refuse the limits below.
+            See docs/schedulers.md.
+        allocator: Which blocks each request holds (default "paged"): a registered name
+            (``cl.kv.available()``), a class (built with `num_blocks` and `block_size`), or
+            a ready allocator object, which brings its own `num_blocks` and `block_size`
+            (the three sizing arguments below are then ignored). See docs/kv.md.
+        block_size: Token slots per KV block; an int in [1, 65536] (default 16).
+        num_blocks: Blocks in the KV arena; None or an int >= 1 (default None: enough for
+            `max_num_seqs` requests of the model's full context, capped by
+            `kv_memory_bytes`). The arena must also fit MLX's 32-bit indexing
+            (``(num_blocks + 1) * num_kv_heads * block_size < 2**31``) and this machine's
+            memory.
+        kv_memory_bytes: Cap on the arena's size when `num_blocks` is None; an int >= 1
+            that holds at least one block and at most this machine's memory (default
+            ``2**30``, 1 GiB). The arena's arrays start small and double as higher block
+            ids come into use, so an idle engine does not hold all of it.
+        max_num_seqs: Most requests running at once, so also most sequences in one step;
+            an int in [1, 2**31) (default 32).
+        max_num_batched_tokens: The token budget: most tokens one step processes, prompt
+            chunks and decodes together; an int in [1, 2**31) (default 2048).
+        enable_chunked_prefill: Whether a prompt may be split over several steps; a bool
+            (default True). When False a prompt runs whole or not at all, and a prompt
+            longer than `max_num_batched_tokens` fails at submit; recomputing a preempted
+            request is chunked either way.
+        clock: Engine time (default "wall"): "wall" (real time) or "measured" (advances by
+            each step's measured duration and jumps over idle gaps, for experiments).
+        check_policies: Run the policy guard (``cortexlab/guard.py``) on every step's batch
+            and block tables; a bool (default True). Block ids outside the arena are
+            refused even when False.
+        stall_timeout: Seconds of steps that schedule nothing and change nothing (and at
+            least 100 such steps) before the stuck requests fail with ``cl.StallError``; a
+            finite number > 0 (default 3.0).
+        max_history: Ended requests kept for ``get_request``; an int >= 0 (default 1024).
+        sampling_order: Default stage order for requests whose ``SamplingParams.order`` is
+            None: a preset name ("hf", "llama.cpp", "mlx-lm"), or a non-empty list of stage
+            names, stages or functions (default "hf"). See docs/sampling.md.
     """
 
     def __init__(

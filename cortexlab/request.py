@@ -157,6 +157,80 @@ class SamplingParams:
     Every stage parameter has a neutral default (the stage does nothing). Adding a sampling
     stage means: a field here (with a neutral default and a check in ``__post_init__``) plus
     one file under ``cortexlab/sampling/``; see ``docs/sampling.md`` for the table.
+
+    A value outside its range raises ``ValueError`` naming the field and the range. Floats
+    must be finite (``logit_bias`` values may also be ``-inf``); bools are not accepted as
+    numbers; lists are stored as tuples and mappings as read-only maps. At submit
+    (``Engine.submit`` raises ``ValueError``) the token ids of `logit_bias`,
+    `allowed_token_ids`, `banned_token_ids` and, with DRY on, `dry_sequence_breakers` must
+    lie in the model's vocabulary, every stage the parameters use must be in the sampling
+    order, and each stage's own ``validate(params)`` must accept them. ``docs/engine.md``
+    has this list as a table.
+
+    Attributes:
+        max_tokens: Most tokens to generate; an int >= 1 (default 16). Prompt plus
+            `max_tokens` must fit the model's context and the engine's KV arena, or the
+            request fails at submit with the reason.
+        temperature: Logits are divided by it; a float >= 0 (default 0.0). 0 decodes
+            greedily (argmax) and skips the stages that cannot change an argmax.
+        top_k: Keep the k largest logits (ties at the k-th value stay); an int >= 0
+            (default 0 = off).
+        top_p: Nucleus: keep the most likely tokens until their mass reaches p; in (0, 1]
+            (default 1.0 = off).
+        seed: Seed of the request's random draws; None or an int in [0, 2**63) (default
+            None: drawn from Python's `random` when the request is built, so
+            ``cl.seed(n)`` makes unseeded runs repeatable). Sample i of ``n`` uses
+            ``(seed + i) mod 2**63``.
+        stop: Stop strings; a non-empty str or a list/tuple of them (default none). The
+            text is cut before the first one found and the request finishes with "stop".
+        stop_token_ids: Token ids that end the request (the token is kept); a list/tuple
+            of ints >= 0 (default none).
+        ignore_eos: Keep generating past the model's EOS token; a bool (default False).
+        priority: Scheduling priority, lower first (the `priority` scheduler); any int
+            (default 0).
+        tenant: Who sent the request (the `fair` scheduler's key, per-tenant metrics); a
+            non-empty str (default "default").
+        min_p: Keep tokens with ``p >= min_p * p_max``; in [0, 1] (default 0.0 = off).
+        typical_p: Locally typical sampling mass; in (0, 1] (default 1.0 = off).
+        epsilon_cutoff: Drop tokens with ``p < epsilon``; in [0, 1) (default 0.0 = off).
+        eta_cutoff: Drop tokens with ``p < min(eta, sqrt(eta) * exp(-H))``; in [0, 1)
+            (default 0.0 = off).
+        top_n_sigma: Keep logits ``>= max - n * std``; a float >= 0 (default 0.0 = off).
+        xtc_threshold: XTC removes tokens with ``p >= threshold`` but the least likely of
+            them; in [0, 0.5] (default 0.1).
+        xtc_probability: Chance per step that XTC acts; in [0, 1] (default 0.0 = off).
+        mirostat_tau: Mirostat v2 target surprise in bits; a float >= 0 (default 0.0 =
+            off).
+        mirostat_eta: Mirostat learning rate; in (0, 1] (default 0.1).
+        repetition_penalty: Divides positive and multiplies negative logits of every
+            distinct context token; a float > 0 (default 1.0 = off).
+        repetition_window: Tokens the repetition penalty looks back over; an int >= 0
+            (default 0 = the whole prompt and output).
+        presence_penalty: Subtracted once from every token generated so far; in [-2, 2]
+            (default 0.0 = off).
+        frequency_penalty: Subtracted per occurrence in the output; in [-2, 2] (default
+            0.0 = off).
+        dry_multiplier: DRY penalty scale; a float >= 0 (default 0.0 = off).
+        dry_base: DRY penalty base; a float >= 1 (default 1.75).
+        dry_allowed_length: Longest repeat DRY leaves alone; an int >= 1 (default 2).
+        dry_sequence_breakers: Where DRY's matching stops; a list/tuple of non-empty str or
+            token ids >= 0 (default ``("\\n", ":", '"', "*")``).
+        logit_bias: Added to the logits, ``{token_id: bias}``; ids ints >= 0, biases finite
+            floats or ``-inf`` to ban (default empty).
+        allowed_token_ids: Only these tokens can be drawn; None or a non-empty list/tuple
+            of ints >= 0 (default None = all).
+        banned_token_ids: These tokens cannot be drawn; a list/tuple of ints >= 0
+            (default none).
+        min_tokens: EOS and `stop_token_ids` are banned until this many tokens were
+            generated; an int in [0, max_tokens] (default 0).
+        logprobs: Alternatives reported per output token on ``Result.logprobs``; None or an
+            int in [0, 20] (default None: nothing recorded; 0: the chosen token only).
+        n: Parallel samples forked after one prefill; an int in [1, 64] (default 1).
+        order: Stage order for this request; None (the engine's `sampling_order`), a
+            preset name ("hf", "llama.cpp", "mlx-lm") or a non-empty list of stage names,
+            stages or functions (default None).
+        extra: Parameters for user-written stages; a mapping with str keys (default
+            empty).
     """
 
     max_tokens: int = 16
