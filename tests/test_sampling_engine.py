@@ -42,6 +42,8 @@ def test_bad_logit_bias_is_refused_at_submit_naming_key_and_vocab(tiny):
         engine.submit([1, 2], SP(logit_bias={5: 1.0, 300: 2.0}))
     with pytest.raises(ValueError, match=r"params\[1\]: .*banned_token_ids: token id 999"):
         engine.generate([[1], [2]], [SP(), SP(banned_token_ids=[999])])
+    with pytest.raises(ValueError, match=r"stop_token_ids: token id 259 is outside the vocab"):
+        engine.submit([1], SP(stop_token_ids=[3, 259]))
     with pytest.raises(ValueError, match="use the 'min_p' stage but the sampling order"):
         engine.submit([1], SP(temperature=1.0, min_p=0.1, order=["temperature"]))
     assert not engine.has_unfinished and not engine.requests.active

@@ -150,6 +150,8 @@ def check_params(
     check_vocab("logit_bias", params.logit_bias, vocab_size)
     check_vocab("allowed_token_ids", params.allowed_token_ids or (), vocab_size)
     check_vocab("banned_token_ids", params.banned_token_ids, vocab_size)
+    # An id the model can never produce would silently never stop the request.
+    check_vocab("stop_token_ids", params.stop_token_ids, vocab_size)
     breakers = params.dry_sequence_breakers
     if params.dry_multiplier > 0:
         check_vocab(
