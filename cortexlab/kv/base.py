@@ -442,6 +442,22 @@ class BlockAllocator(ABC):
         if block_ids:
             self._release(block_ids)
             seq.block_table = []
+            if self._copies:
+                self._drop_dead_copies()
+
+    def _drop_dead_copies(self) -> None:
+        """Forget pending copies into blocks nobody holds any more (their reader was freed).
+
+        Such a copy would land in whichever sequence takes the block next. A copy is kept
+        while a later kept copy reads its target (a chain through a block since freed).
+        """
+        held = {b for table in self._tables.values() for b in table}
+        kept: list[tuple[int, int]] = []
+        for src, dst in reversed(self._copies):
+            if dst in held:
+                kept.append((src, dst))
+                held.add(src)  # what it reads must arrive first
+        self._copies = kept[::-1]
 
     # --- the sharing half, neutral ------------------------------------------------------
 

@@ -169,8 +169,9 @@ class PrefixAllocator(PagedAllocator):
         """
         num_needed = self._check_allocate(seq, num_tokens)
         hit, num_unheld = self._hits(seq, num_tokens)
+        # Unheld hits leave the pool too, so they count towards what the pool must give.
         if num_needed - len(hit) + num_unheld > self.num_free_blocks:
-            raise self._out_of_blocks(seq, num_needed - len(hit))
+            raise self._out_of_blocks(seq, num_needed - len(hit) + num_unheld)
         for b in hit:
             self._lru.pop(b, None)
             self._incref(b)
@@ -186,8 +187,9 @@ class PrefixAllocator(PagedAllocator):
 
     # --- growth with copy-on-write --------------------------------------------------------
 
-    def _shared_in(self, seq: KVSequence, table: list[int], start: int, end: int) -> list[int]:
-        """Indices of the shared blocks that positions [start, end) of `seq` fall in."""
+    def _written(self, seq: KVSequence, table: list[int], start: int, end: int) -> list[int]:
+        """Indices of the blocks positions [start, end) of `seq` fall in that another table
+        or the cache holds: they must not be written in place."""
         if start >= end:
             return []
         num_sealed = len(self._hashes[seq.request_id])
@@ -196,12 +198,26 @@ class PrefixAllocator(PagedAllocator):
                 f"start must be >= {num_sealed * self.block_size} for request "
                 f"{seq.request_id!r}: its first {num_sealed} block(s) are sealed, got {start}"
             )
-        last = min(len(table), -(-end // self.block_size))
-        return [i for i in range(start // self.block_size, last) if self._ref[table[i]] > 1]
+        ref, key, last = self._ref, self._key, min(len(table), -(-end // self.block_size))
+        return [
+            i
+            for i in range(start // self.block_size, last)
+            if ref[table[i]] > 1 or key[table[i]] is not None
+        ]
+
+    def _num_copies(self, table: list[int], indices: list[int]) -> int:
+        return sum(1 for i in indices if self._ref[table[i]] > 1)
 
     def _copy_on_write(self, seq: KVSequence, table: list[int], indices: list[int]) -> None:
         for i in indices:
-            src, [dst] = table[i], self._take(1)
+            src = table[i]
+            if self._ref[src] == 1:
+                # Cached but ours alone (e.g. sealed by a fork's parent, since freed): it
+                # leaves the cache, else a later hit would read the rewritten content.
+                del self._cache[self._key[src]]
+                self._key[src] = None
+                continue
+            [dst] = self._take(1)
             self._release([src])  # still held by another table: stays put
             table[i] = seq.block_table[i] = dst
             self._copies.append((src, dst))
@@ -214,26 +230,28 @@ class PrefixAllocator(PagedAllocator):
                 f"start and end must satisfy 0 <= start <= end <= {len(table) * self.block_size}"
                 f" (request {seq.request_id!r}'s blocks), got start={start}, end={end}"
             )
-        indices = self._shared_in(seq, table, start, end)
-        if len(indices) > self.num_free_blocks:
-            raise self._out_of_blocks(seq, len(indices))
+        indices = self._written(seq, table, start, end)
+        num_copies = self._num_copies(table, indices)
+        if num_copies > self.num_free_blocks:
+            raise self._out_of_blocks(seq, num_copies)
         self._copy_on_write(seq, table, indices)
 
     def can_append(self, seq: KVSequence, num_tokens: int) -> bool:
         """Whether `append(seq, num_tokens)` would succeed now (copies included)."""
         num_needed = self._check_append(seq, num_tokens)
         table, start = self._tables[seq.request_id], self._num_tokens[seq.request_id]
-        num_copies = len(self._shared_in(seq, table, start, num_tokens))
-        return num_needed + num_copies <= self.num_free_blocks
+        indices = self._written(seq, table, start, num_tokens)
+        return num_needed + self._num_copies(table, indices) <= self.num_free_blocks
 
     def append(self, seq: KVSequence, num_tokens: int) -> None:
         """Grow `seq` to `num_tokens` in total, first copying a shared block it writes into."""
         num_needed = self._check_append(seq, num_tokens)
         rid = seq.request_id
         table, start = self._tables[rid], self._num_tokens[rid]
-        indices = self._shared_in(seq, table, start, num_tokens)
-        if num_needed + len(indices) > self.num_free_blocks:
-            raise self._out_of_blocks(seq, num_needed + len(indices))
+        indices = self._written(seq, table, start, num_tokens)
+        num_copies = self._num_copies(table, indices)
+        if num_needed + num_copies > self.num_free_blocks:
+            raise self._out_of_blocks(seq, num_needed + num_copies)
         self._copy_on_write(seq, table, indices)
         if num_needed:
             block_ids = self._take(num_needed)
