@@ -293,8 +293,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         tail = data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=bs), label="tail")
         prompt = (prefix[:keep] + tail) or [0]
         again = data.draw(st.sampled_from([None, *sorted(self.seqs)]), label="same prompt as")
-        if again is not None:
-            prompt = list(self.seqs[again].prompt_token_ids)
+        if again is not None:  # the very list: prefix remembers its last lookup by object
+            prompt = self.seqs[again].prompt_token_ids
         max_num_tokens = len(prompt) + data.draw(st.integers(0, 2 * bs), label="max_output")
         # Reuse the slot's request id: a freed (e.g. preempted) request may come back.
         seq = self.seqs[slot] = Seq(
@@ -383,7 +383,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         child = self.seqs[slot] = Seq(
             request_id=f"r{slot}",
             max_num_tokens=parent.max_num_tokens,
-            prompt_token_ids=list(parent.prompt_token_ids),
+            prompt_token_ids=parent.prompt_token_ids,
             output_token_ids=list(parent.output_token_ids),
             num_computed_tokens=parent.num_computed_tokens,
         )
@@ -439,7 +439,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.alloc.block_hash(seq.block_table[i]) in (None, hashes[i])
         # A new request with the same prompt would reuse exactly the cached run.
         probe = Seq(request_id="probe", max_num_tokens=seq.max_num_tokens)
-        probe.prompt_token_ids = list(seq.prompt_token_ids)
+        probe.prompt_token_ids = seq.prompt_token_ids  # looked up before this seal
         expected = self.expected_hits(probe.prompt_token_ids)
         assert self.alloc.num_cached_tokens(probe) == len(expected) * bs
 

@@ -105,6 +105,26 @@ def test_a_freed_requests_blocks_stay_cached_until_evicted_lru_first() -> None:
     assert alloc.usage().num_evicted_blocks == 2
 
 
+def test_a_repeated_lookup_of_one_prompt_sees_every_cache_change() -> None:
+    """Admission looks one prompt up three times in a row, so the last walk is remembered;
+    a seal or an eviction in between must not leave it stale."""
+    alloc = prefix(num_blocks=8, block_size=2)
+    prompt = [1, 2, 3, 4, 5]
+    probe, a = Seq("x", 8, prompt), Seq("a", 8, prompt)  # one list object
+    assert alloc.num_cached_tokens(probe) == 0
+    alloc.allocate(a, 5)
+    for num_computed, hit in [(2, 2), (4, 4)]:
+        a.num_computed_tokens = num_computed
+        alloc.seal(a)
+        assert alloc.num_cached_tokens(probe) == hit
+    alloc.free(a)
+    assert alloc.num_cached_tokens(probe) == 4  # still cached, though nobody holds it
+    assert alloc.evict(1) == [1]  # the deepest block goes first
+    assert alloc.num_cached_tokens(probe) == 2
+    alloc.evict(1)
+    assert alloc.num_cached_tokens(probe) == 0
+
+
 def test_allocate_refusal_counts_cached_hits_that_leave_the_pool() -> None:
     """Bug: the message said "needs 1 more block(s) but 1 are free" for a refusal, because
     reviving an unheld cached hit also takes a block from the pool."""
