@@ -442,17 +442,33 @@ class BlockAllocator(ABC):
         if block_ids:
             self._release(block_ids)
             seq.block_table = []
+            if self._copies:
+                self._drop_dead_copies()
 
-    # --- the sharing half, neutral ------------------------------------------------------
+    def _drop_dead_copies(self) -> None:
+        """Forget pending copies into blocks nobody holds any more (their reader was freed).
+
+        Such a copy would land in whichever sequence takes the block next. A copy is kept
+        while a later kept copy reads its target (a chain through a block since freed).
+        """
+        held = {b for table in self._tables.values() for b in table}
+        kept: list[tuple[int, int]] = []
+        for src, dst in reversed(self._copies):
+            if dst in held:
+                kept.append((src, dst))
+                held.add(src)  # what it reads must arrive first
+        self._copies = kept[::-1]
+
+    # --- the sharing half, neutral (concrete on purpose: B027) -----------------------------
 
     def num_cached_tokens(self, seq: KVSequence) -> int:
         """Leading prompt tokens of `seq` in cached full blocks now: none without a cache."""
         return 0
 
-    def seal(self, seq: KVSequence) -> None:
+    def seal(self, seq: KVSequence) -> None:  # noqa: B027
         """Nothing to record without a cache."""
 
-    def prepare_write(self, seq: KVSequence, start: int, end: int) -> None:
+    def prepare_write(self, seq: KVSequence, start: int, end: int) -> None:  # noqa: B027
         """Nothing to copy: no block is shared."""
 
     def take_copies(self) -> list[tuple[int, int]]:

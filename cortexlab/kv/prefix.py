@@ -62,6 +62,11 @@ class PrefixAllocator(PagedAllocator):
         self._shared: set[int] = set()  # blocks in more than one table
         self._hashes: dict[Hashable, list[int]] = {}  # request id -> hashes of sealed blocks
         self._evicted: deque[int] = deque(maxlen=n)
+        # The last lookup (prompt list, its length, cache version, blocks): admission asks
+        # num_cached_tokens, can_allocate and allocate in a row, so the walk is done once.
+        # The version counts key changes; nothing else changes what a walk finds.
+        self._version = 0
+        self._last_lookup: tuple | None = None
         self.num_hit_tokens = self.num_lookup_tokens = self.num_evicted_blocks = 0
 
     # --- the free pool: free list first, then eviction ------------------------------------
@@ -95,6 +100,7 @@ class PrefixAllocator(PagedAllocator):
         b = self._lru.popitem(last=False)[0]
         del self._cache[self._key[b]]
         self._key[b] = None
+        self._version += 1
         self.num_evicted_blocks += 1
         self._evicted.append(b)
         return b
@@ -139,6 +145,9 @@ class PrefixAllocator(PagedAllocator):
         prompt = getattr(seq, "prompt_token_ids", None)
         if not prompt or not self._cache:
             return []
+        last = self._last_lookup
+        if last and last[0] is prompt and last[1] == len(prompt) and last[2] == self._version:
+            return list(last[3])
         bs, blocks, parent = self.block_size, [], ROOT_HASH
         for start in range(0, len(prompt) - bs, bs):  # the last prompt token is never hit
             b = self._cache.get((parent, tuple(prompt[start : start + bs])))
@@ -146,7 +155,8 @@ class PrefixAllocator(PagedAllocator):
                 break
             blocks.append(b)
             parent = self._hash[b]
-        return blocks
+        self._last_lookup = (prompt, len(prompt), self._version, blocks)
+        return list(blocks)
 
     def num_cached_tokens(self, seq: KVSequence) -> int:
         """Leading prompt tokens of `seq` in cached full blocks now (what `allocate` reuses)."""
@@ -169,11 +179,16 @@ class PrefixAllocator(PagedAllocator):
         """
         num_needed = self._check_allocate(seq, num_tokens)
         hit, num_unheld = self._hits(seq, num_tokens)
+        # Unheld hits leave the pool too, so they count towards what the pool must give.
         if num_needed - len(hit) + num_unheld > self.num_free_blocks:
-            raise self._out_of_blocks(seq, num_needed - len(hit))
+            raise self._out_of_blocks(seq, num_needed - len(hit) + num_unheld)
+        ref, lru = self._ref, self._lru
         for b in hit:
-            self._lru.pop(b, None)
-            self._incref(b)
+            if ref[b] == 0:  # cached and unheld: revived
+                del lru[b]
+            ref[b] += 1
+            if ref[b] == 2:
+                self._shared.add(b)
         table = hit + self._take(num_needed - len(hit))
         rid = seq.request_id
         self._tables[rid], self._num_tokens[rid] = table, num_tokens
@@ -186,8 +201,9 @@ class PrefixAllocator(PagedAllocator):
 
     # --- growth with copy-on-write --------------------------------------------------------
 
-    def _shared_in(self, seq: KVSequence, table: list[int], start: int, end: int) -> list[int]:
-        """Indices of the shared blocks that positions [start, end) of `seq` fall in."""
+    def _written(self, seq: KVSequence, table: list[int], start: int, end: int) -> list[int]:
+        """Indices of the blocks positions [start, end) of `seq` fall in that another table
+        or the cache holds: they must not be written in place."""
         if start >= end:
             return []
         num_sealed = len(self._hashes[seq.request_id])
@@ -196,12 +212,27 @@ class PrefixAllocator(PagedAllocator):
                 f"start must be >= {num_sealed * self.block_size} for request "
                 f"{seq.request_id!r}: its first {num_sealed} block(s) are sealed, got {start}"
             )
-        last = min(len(table), -(-end // self.block_size))
-        return [i for i in range(start // self.block_size, last) if self._ref[table[i]] > 1]
+        ref, key, last = self._ref, self._key, min(len(table), -(-end // self.block_size))
+        return [
+            i
+            for i in range(start // self.block_size, last)
+            if ref[table[i]] > 1 or key[table[i]] is not None
+        ]
+
+    def _num_copies(self, table: list[int], indices: list[int]) -> int:
+        return sum(1 for i in indices if self._ref[table[i]] > 1)
 
     def _copy_on_write(self, seq: KVSequence, table: list[int], indices: list[int]) -> None:
         for i in indices:
-            src, [dst] = table[i], self._take(1)
+            src = table[i]
+            if self._ref[src] == 1:
+                # Cached but ours alone (e.g. sealed by a fork's parent, since freed): it
+                # leaves the cache, else a later hit would read the rewritten content.
+                del self._cache[self._key[src]]
+                self._key[src] = None
+                self._version += 1
+                continue
+            [dst] = self._take(1)
             self._release([src])  # still held by another table: stays put
             table[i] = seq.block_table[i] = dst
             self._copies.append((src, dst))
@@ -214,32 +245,54 @@ class PrefixAllocator(PagedAllocator):
                 f"start and end must satisfy 0 <= start <= end <= {len(table) * self.block_size}"
                 f" (request {seq.request_id!r}'s blocks), got start={start}, end={end}"
             )
-        indices = self._shared_in(seq, table, start, end)
-        if len(indices) > self.num_free_blocks:
-            raise self._out_of_blocks(seq, len(indices))
+        indices = self._written(seq, table, start, end)
+        num_copies = self._num_copies(table, indices)
+        if num_copies > self.num_free_blocks:
+            raise self._out_of_blocks(seq, num_copies)
         self._copy_on_write(seq, table, indices)
+
+    def _plan_append(self, seq: KVSequence, num_tokens: int) -> tuple[list[int], list[int], int]:
+        """(seq's table, indices `_copy_on_write` must handle, blocks the pool must give)."""
+        rid = seq.request_id
+        table = self._tables.get(rid)
+        # Fast path (a decode step calls this once per sequence): the full checks only run
+        # when something looks wrong, so they still name the bad argument.
+        if (
+            table is None
+            or type(num_tokens) is not int
+            or not self._num_tokens[rid] <= num_tokens <= seq.max_num_tokens
+        ):
+            self._check_append(seq, num_tokens)
+        start, bs = self._num_tokens[rid], self.block_size
+        num_needed = -(-num_tokens // bs) - len(table)
+        # A table holds exactly ceil(tokens / bs) blocks, so the new positions fall in held
+        # block start // bs at most: the partly full last one, mostly ours alone and uncached.
+        i = start // bs
+        if start == num_tokens or i >= len(table):
+            return table, [], num_needed
+        b = table[i]
+        if self._ref[b] == 1 and self._key[b] is None:
+            return table, [], num_needed
+        indices = self._written(seq, table, start, num_tokens)
+        return table, indices, num_needed + self._num_copies(table, indices)
 
     def can_append(self, seq: KVSequence, num_tokens: int) -> bool:
         """Whether `append(seq, num_tokens)` would succeed now (copies included)."""
-        num_needed = self._check_append(seq, num_tokens)
-        table, start = self._tables[seq.request_id], self._num_tokens[seq.request_id]
-        num_copies = len(self._shared_in(seq, table, start, num_tokens))
-        return num_needed + num_copies <= self.num_free_blocks
+        return self._plan_append(seq, num_tokens)[2] <= len(self._free) + len(self._lru)
 
     def append(self, seq: KVSequence, num_tokens: int) -> None:
         """Grow `seq` to `num_tokens` in total, first copying a shared block it writes into."""
-        num_needed = self._check_append(seq, num_tokens)
-        rid = seq.request_id
-        table, start = self._tables[rid], self._num_tokens[rid]
-        indices = self._shared_in(seq, table, start, num_tokens)
-        if num_needed + len(indices) > self.num_free_blocks:
-            raise self._out_of_blocks(seq, num_needed + len(indices))
-        self._copy_on_write(seq, table, indices)
-        if num_needed:
+        table, indices, num_from_pool = self._plan_append(seq, num_tokens)
+        if num_from_pool > len(self._free) + len(self._lru):
+            raise self._out_of_blocks(seq, num_from_pool)
+        if indices:
+            self._copy_on_write(seq, table, indices)
+        num_needed = -(-num_tokens // self.block_size) - len(table)
+        if num_needed > 0:
             block_ids = self._take(num_needed)
             table += block_ids
             seq.block_table += block_ids
-        self._num_tokens[rid] = num_tokens
+        self._num_tokens[seq.request_id] = num_tokens
 
     # --- sealing, forks, release ----------------------------------------------------------
 
@@ -259,6 +312,7 @@ class PrefixAllocator(PagedAllocator):
             # Equal content computed twice stays cached once; the other copy is plain.
             if self._key[b] is None and key not in self._cache:
                 self._key[b], self._hash[b], self._cache[key] = key, parent, b
+                self._version += 1
 
     def can_fork(self, parent: KVSequence, child: KVSequence) -> bool:
         """A fork takes no block (checks the arguments, then True)."""
