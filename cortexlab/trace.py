@@ -496,14 +496,14 @@ def _read_lines(path: Path) -> list[str]:
         raise FileNotFoundError(f"Trace.load: no file at {str(path)!r}")
     with path.open("rb") as f:
         magic = f.read(2)
-    not_trace = f"Trace.load: {str(path)!r} is not a cortexlab trace (write one with trace.save)"
+    not_trace = f"Trace.load: {str(path)!r} is not a cortexlab trace"
     # Gzip as save writes it; a gunzipped copy (plain JSON lines) reads too.
     if magic == b"\x1f\x8b":
         opener: Any = gzip.open
     elif magic[:1] == b"{":
         opener = open
     else:
-        raise ValueError(f"{not_trace}: it is neither gzip nor JSON lines")
+        raise ValueError(f"{not_trace}: it is neither gzip nor JSON lines (trace.save writes one)")
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
