@@ -302,34 +302,13 @@ class Trace:
         lines = _read_lines(path)
         header = _parse(lines[0], path, 1)
         _check_header(header, path)
-        recordings = header["recordings"]
-        trace = cls(tokens=bool(recordings["tokens"]), blocks=bool(recordings["blocks"]))
-        tables, at = {}, 1
-        for entry in header["tables"]:
-            name, count = entry["name"], int(entry["rows"])
-            marker = _parse(lines[at], path, at + 1) if at < len(lines) else None
-            if marker != {"table": name, "rows": count} or at + 1 + count > len(lines):
-                raise ValueError(
-                    f"{str(path)!r} is a cortexlab trace but it is truncated or damaged: "
-                    f"table {name!r} ({count} rows) does not follow at line {at + 1}"
-                )
-            rows = [
-                _parse(line, path, at + 2 + i)
-                for i, line in enumerate(lines[at + 1 : at + 1 + count])
-            ]
-            tables[name] = _restore_floats(rows, entry.get("float_keys", ()))
-            at += 1 + count
-        trace._steps = {row["step"]: row for row in tables.get("steps", ())}
-        trace._requests = {row["request_id"]: row for row in tables.get("requests", ())}
-        trace.events = [tuple(row) for row in tables.get("request_events", ())]
-        for rid, times, token_ids in tables.get("outputs", ()):
-            trace._token_times[rid] = tuple(times)
-            trace._output_token_ids[rid] = tuple(token_ids)
-        if trace.records_tokens:
-            trace._tokens = tables.get("tokens", [])
-        if trace.records_blocks:
-            owners = (header.get("blocks") or {}).get("owner_ids", [])
-            trace._blocks = BlockRecorder.from_records(tables.get("blocks", []), owners)
+        try:
+            trace = _restored(cls, header, _read_tables(header, lines, path))
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(
+                f"Trace.load: {str(path)!r} is a cortexlab trace but it is damaged "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         trace.source, trace.metadata = str(path), header
         return trace
 
@@ -364,6 +343,43 @@ def _check_ids(trace: Trace) -> None:
                 f"Trace.save: request id {rid!r} is a {type(rid).__name__}; a saved trace holds "
                 f"str and int request ids only (the ones the engine gives)"
             )
+
+
+def _read_tables(header: dict, lines: list[str], path: Path) -> dict[str, list]:
+    """Each table's rows, in the order and counts the header gives, floats restored."""
+    tables, at = {}, 1
+    for entry in header["tables"]:
+        name, count = entry["name"], int(entry["rows"])
+        marker = _parse(lines[at], path, at + 1) if at < len(lines) else None
+        if marker != {"table": name, "rows": count} or at + 1 + count > len(lines):
+            raise ValueError(
+                f"Trace.load: {str(path)!r} is a cortexlab trace but it is truncated or "
+                f"damaged: table {name!r} ({count} rows) does not follow at line {at + 1}"
+            )
+        rows = [
+            _parse(line, path, at + 2 + i) for i, line in enumerate(lines[at + 1 : at + 1 + count])
+        ]
+        tables[name] = _restore_floats(rows, entry.get("float_keys", ()))
+        at += 1 + count
+    return tables
+
+
+def _restored(cls: type[Trace], header: dict, tables: dict[str, list]) -> Trace:
+    """A Trace holding `tables` as if it had recorded them."""
+    recordings = header["recordings"]
+    trace = cls(tokens=bool(recordings["tokens"]), blocks=bool(recordings["blocks"]))
+    trace._steps = {row["step"]: row for row in tables.get("steps", ())}
+    trace._requests = {row["request_id"]: row for row in tables.get("requests", ())}
+    trace.events = [tuple(row) for row in tables.get("request_events", ())]
+    for rid, times, token_ids in tables.get("outputs", ()):
+        trace._token_times[rid] = tuple(times)
+        trace._output_token_ids[rid] = tuple(token_ids)
+    if trace.records_tokens:
+        trace._tokens = tables.get("tokens", [])
+    if trace.records_blocks:
+        owners = (header.get("blocks") or {}).get("owner_ids", [])
+        trace._blocks = BlockRecorder.from_records(tables.get("blocks", []), owners)
+    return trace
 
 
 def _float_keys(rows: list[dict]) -> list[str]:
@@ -555,6 +571,32 @@ def _seconds(value: Any) -> str:
     return f"{value * 1e3:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
 
 
+def _metrics_html(trace: Trace) -> tuple[list[tuple[str, str]], str]:
+    """The throughput line and the latency table (mean, p50, p99, n) from `metrics()`."""
+    metrics = trace.metrics()
+    facts = []
+    mean = metrics["mean"] if "mean" in metrics else pd.Series(dtype=float)
+    if "throughput_rps" in mean and "output_tps" in mean:
+        facts.append(
+            (
+                "throughput",
+                f"{mean['throughput_rps']:.2f} req/s, {mean['output_tps']:.1f} tokens/s "
+                f"over {_seconds(mean.get('duration'))}",
+            )
+        )
+    rows = [m for m in _HTML_METRICS if m in metrics.index]
+    if not rows:
+        return facts, ""
+    head = "".join(f"<th>{c}</th>" for c in ("", "mean", "p50", "p99", "n"))
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(m)}</th>"
+        + "".join(f"<td>{_seconds(metrics.at[m, c])}</td>" for c in ("mean", "p50", "p99"))
+        + f"<td>{metrics.at[m, 'count']:.0f}</td></tr>"
+        for m in rows
+    )
+    return facts, f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _summary_html(trace: Trace) -> str:
     """The `_repr_html_` table: counts from the rows, latencies from `metrics()`; no plots."""
     esc = html.escape
@@ -586,31 +628,10 @@ def _summary_html(trace: Trace) -> str:
     table = ""
     if requests:
         try:
-            metrics = trace.metrics()
-        except Exception as exc:  # a display must not raise on a hand-made trace
-            facts.append(("metrics", f"unavailable: {type(exc).__name__}: {exc}"))
-        else:
-            mean = metrics["mean"] if "mean" in metrics else pd.Series(dtype=float)
-            if "throughput_rps" in mean and "output_tps" in mean:
-                facts.append(
-                    (
-                        "throughput",
-                        f"{mean['throughput_rps']:.2f} req/s, {mean['output_tps']:.1f} tokens/s "
-                        f"over {_seconds(mean.get('duration'))}",
-                    )
-                )
-            rows = [m for m in _HTML_METRICS if m in metrics.index]
-            if rows:
-                head = "".join(f"<th>{c}</th>" for c in ("", "mean", "p50", "p99", "n"))
-                body = "".join(
-                    f"<tr><th style='text-align:left'>{esc(m)}</th>"
-                    + "".join(
-                        f"<td>{_seconds(metrics.at[m, c])}</td>" for c in ("mean", "p50", "p99")
-                    )
-                    + f"<td>{int(metrics.at[m, 'count'])}</td></tr>"
-                    for m in rows
-                )
-                table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            more, table = _metrics_html(trace)
+        except Exception as exc:  # a display must not raise, even on a hand-made trace
+            more = [("metrics", f"unavailable: {type(exc).__name__}: {exc}")]
+        facts += more
     facts.append(("recorded", ", ".join(recorded)))
     if not requests and not trace._steps:
         facts.append(("", "empty: pass trace.hooks to engine.hooks(...) while the engine runs"))

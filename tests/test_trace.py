@@ -208,12 +208,26 @@ def test_save_and_load_errors(run, tmp_path):
     with pytest.raises(ValueError, match="truncated or damaged: table 'request_events'"):
         short = lines[: 3 + len(plain.steps) + len(plain.requests)]
         cl.Trace.load(write("short.gz", gzip.compress("\n".join(short).encode())))
+    broken = "\n".join([*lines[:2], "[1, 2]", *lines[3:]]).encode()  # a step row, damaged
+    with pytest.raises(ValueError, match="is a cortexlab trace but it is damaged"):
+        cl.Trace.load(write("broken.gz", gzip.compress(broken)))
     header = json.loads(lines[0]) | {"format_version": TRACE_FORMAT_VERSION + 1}
     newer = "\n".join([json.dumps(header), *lines[1:]]).encode()
     with pytest.raises(ValueError, match=f"format_version {TRACE_FORMAT_VERSION + 1}"):
         cl.Trace.load(write("newer.gz", gzip.compress(newer)))
     # A gunzipped trace reads as well.
     assert_same(plain, cl.Trace.load(write("plain.jsonl", raw)))
+
+
+def test_empty_traces_round_trip(tmp_path):
+    for trace in (cl.Trace(), cl.Trace(tokens=True, blocks=True)):
+        loaded = cl.Trace.load(trace.save(tmp_path / "empty.gz"))
+        for name in ("steps", "requests", "request_events"):
+            pdt.assert_frame_equal(getattr(trace, name), getattr(loaded, name))
+        if trace.records_tokens:
+            pdt.assert_frame_equal(trace.tokens, loaded.tokens)
+            pdt.assert_frame_equal(trace.blocks, loaded.blocks)
+        assert "empty" in loaded._repr_html_()
 
 
 def test_save_refuses_ids_json_cannot_keep(tmp_path):
