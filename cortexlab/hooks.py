@@ -1,4 +1,8 @@
-"""Named hook points: `fn(event)` callbacks selected by name, list or glob, scoped or permanent."""
+"""Named hook points: `fn(event)` callbacks selected by name, list or glob, scoped or permanent.
+
+docs/hooks.md lists every point (when it fires, in step order), each event's fields and the
+exact `data` keys; `engine.hooks({...})` scopes hooks, `engine.add_hook` adds them for good.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,11 @@ Hook = Callable[[Any], None]
 
 @dataclass(slots=True)
 class RequestEvent:
-    """A request changed phase (arrived, first scheduled, first token, preempted, finished)."""
+    """A request changed phase (arrived, first scheduled, first token, preempted, finished).
+
+    `request` is the live `Request` (read what you need; do not keep or change it); `time`
+    is the engine clock, `step` the index of the step in progress.
+    """
 
     name: str
     time: float
@@ -43,7 +51,12 @@ class RequestEvent:
 
 @dataclass(slots=True)
 class StepEvent:
-    """One engine step began, formed its batch, or ended (`data` holds the step's numbers)."""
+    """One engine step began, formed its batch, or ended (`data` holds the step's numbers).
+
+    `data`: ``{}`` at step.begin; the batch's composition at step.batch; duration, queue
+    lengths and the ``kv_*`` accounting at step.end; the block tables at kv.blocks (exact keys
+    in docs/hooks.md).
+    """
 
     name: str
     time: float

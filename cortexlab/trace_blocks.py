@@ -69,6 +69,46 @@ class BlockRecorder:
             cached=tuple(data.get("cached", ())),
         )
 
+    def records(self) -> list[dict]:
+        """Every snapshot as a JSON-ready dict, in step order (what `Trace.save` writes)."""
+        return [
+            {
+                "step": s.step,
+                "num_blocks": s.num_blocks,
+                "block_size": s.block_size,
+                "allocator": s.allocator,
+                "tables": [[rid, list(table), n] for rid, table, n in s.tables],
+                "cached": list(s.cached),
+            }
+            for s in (self._snapshots[step] for step in self.steps)
+        ]
+
+    @classmethod
+    def from_records(cls, records: list[dict], owner_ids: list) -> BlockRecorder:
+        """A recorder holding the snapshots `records()` gave, with the same owner codes."""
+        recorder = cls()
+        recorder._owners = {rid: code for code, rid in enumerate(owner_ids)}
+        last: dict[Hashable, tuple[int, ...]] = {}
+        for record in records:
+            tables = []
+            for rid, table, n in record["tables"]:
+                table = tuple(table)
+                if last.get(rid) == table:  # share unchanged tables, as on_blocks does
+                    table = last[rid]
+                last[rid] = table
+                recorder._owners.setdefault(rid, len(recorder._owners))
+                tables.append((rid, table, int(n)))
+            step = int(record["step"])
+            recorder._snapshots[step] = BlockSnapshot(
+                step=step,
+                num_blocks=int(record["num_blocks"]),
+                block_size=int(record["block_size"]),
+                allocator=str(record["allocator"]),
+                tables=tuple(tables),
+                cached=tuple(record["cached"]),
+            )
+        return recorder
+
     @property
     def steps(self) -> list[int]:
         """The steps recorded, in order."""
