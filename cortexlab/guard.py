@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 import os
 import time
+from collections import Counter
 from itertools import chain
 from typing import Any
 
@@ -116,9 +117,13 @@ def check_block_tables(batch: Batch, state: SchedulerState, allocator: object) -
         or set(map(type, held)) == {int}
         and min(held) >= 0
         and max(held) < num_blocks
-        and (can_share or len(set(held)) == len(held))
+        and (
+            len(set(held)) == len(held)
+            if not can_share
+            else all(len(set(r.block_table)) == len(r.block_table) for r in state.running)
+        )
     )
-    if not is_ok or can_share:
+    if not is_ok:
         _find_bad_blocks(state, allocator, num_blocks, can_share)
     written: dict[int, Any] = {}
     for s in batch.scheduled:
@@ -135,7 +140,10 @@ def check_block_tables(batch: Batch, state: SchedulerState, allocator: object) -
         if can_share:
             for b in table[r.num_computed_tokens // bs : -(-end // bs)]:
                 written[b] = r
-    if can_share and written:
+    # A written block held by more than one table (each holds a block at most once) is read
+    # by someone else; counting in C keeps the common all-clear case cheap.
+    counts = Counter(held) if can_share and written else {}
+    if any(counts[b] > 1 for b in written if counts):
         for r in state.running:
             for b in r.block_table:
                 w = written.get(b)

@@ -254,3 +254,16 @@ def test_generated_blocks_are_cached_for_a_follow_up_turn(tiny):
         [follow_up], cl.SamplingParams(max_tokens=4, ignore_eos=True)
     )
     assert second.token_ids == plain.token_ids
+
+
+def test_guard_refuses_a_write_into_a_block_another_request_reads(tiny):
+    class NoCopyOnWrite(cl.kv.PrefixAllocator):
+        def _written(self, seq, table, start, end):
+            return []  # the bug: writes land in the block the other fork still reads
+
+    engine = cl.Engine(tiny, allocator=NoCopyOnWrite(num_blocks=32, block_size=4))
+    request = engine.submit(list(range(1, 8)), cl.SamplingParams(max_tokens=4, n=2))
+    with pytest.raises(cl.guard.PolicyError, match="also reads \\(copy it on write first\\)"):
+        engine.run_until_done()
+    assert all(s.state is RequestState.FAILED for s in request.samples)
+    assert_all_free(engine)
