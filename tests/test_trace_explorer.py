@@ -74,7 +74,8 @@ def test_explorer_follows_the_slider(run):
     trace = run.trace
     steps = trace.steps.set_index("step")
     explorer = cl.widgets.TraceExplorer(trace, step=0)
-    assert explorer.step == 0 and bytes(explorer.image.value).startswith(PNG)
+    assert explorer.step == explorer.play.value == 0  # the player starts where the slider does
+    assert bytes(explorer.image.value).startswith(PNG)
     assert "redraw" in explorer.timings
 
     shown = {}

@@ -258,12 +258,14 @@ class TraceExplorer(widgets.VBox):
         self.colors = request_colors(order)
 
         first, last = step_ids[0], step_ids[-1]
-        step = last if step is None else step
+        step = min(max(last if step is None else step, first), last)
         self.slider = widgets.IntSlider(
-            value=min(max(step, first), last), min=first, max=last, description="step",
-            continuous_update=True, layout=widgets.Layout(width="480px"),
+            value=step, min=first, max=last, description="step", continuous_update=True,
+            layout=widgets.Layout(width="480px"),
         )  # fmt: skip
-        self.play = widgets.Play(min=first, max=last, interval=250, description="play")
+        # Linked in the browser, which first copies the player's value to the slider: both
+        # start at `step`.
+        self.play = widgets.Play(value=step, min=first, max=last, interval=250, description="play")
         widgets.jslink((self.play, "value"), (self.slider, "value"))
         self.previous = widgets.Button(description="◀", layout=widgets.Layout(width="36px"))
         self.next = widgets.Button(description="▶", layout=widgets.Layout(width="36px"))
@@ -361,6 +363,12 @@ class TraceExplorer(widgets.VBox):
     def _move(self, delta: int) -> None:
         self.slider.value = min(max(self.slider.value + delta, self.slider.min), self.slider.max)
 
+    def __repr__(self) -> str:
+        blocks = "no blocks" if self.blocks is None else f"{self.blocks.num_blocks} blocks"
+        return (
+            f"TraceExplorer(step={self.step}, steps={self.slider.min}..{self.slider.max}, {blocks})"
+        )
+
     @property
     def step(self) -> int:
         """The step shown."""
@@ -428,7 +436,10 @@ class TraceExplorer(widgets.VBox):
         for rid, since, preemptions in zip(
             waiting["request_id"], waiting["since_step"], waiting["num_preemptions"], strict=True
         ):
-            note = f"{step - since + 1} steps" + (", preempted" if preemptions else "")
+            waited = step - since + 1
+            note = f"{waited} step{'s' if waited > 1 else ''}" + (
+                f", preempted {preemptions}x" if preemptions else ""
+            )
             chips.append(_chip(rid, self.colors.get(rid, "0.5"), note))
         text = f"<b>waiting after step {step}</b>: {len(waiting)}<br>" + "".join(chips)
         if len(idle):
