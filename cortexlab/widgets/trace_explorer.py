@@ -162,7 +162,7 @@ def _palettes(owner_ids: Sequence, colors: Mapping) -> tuple[np.ndarray, np.ndar
     full = np.array([_rgb(c) for c in specials] + [_rgb(colors.get(r, "0.5")) for r in owner_ids])
     light = full + (1.0 - full) * 0.6  # the tint cl.viz.plot_block_map gives reserved slots
     light[:3] = [_rgb(_SHARED_LIGHT), full[1], full[2]]
-    return full.reshape(-1, 3), light.reshape(-1, 3)
+    return full, light
 
 
 def block_image(
@@ -176,8 +176,9 @@ def block_image(
     each cell coloured by owner, the tokens' share of it solid and the rest light."""
     n = len(codes)
     index = codes + 3
-    width = np.where(codes < 0, CELL - 1, np.ceil(fill * (CELL - 1) - 1e-9)).astype(np.int64)
-    width[codes == SHARED] = np.ceil(fill[codes == SHARED] * (CELL - 1) - 1e-9)
+    # Columns of the cell drawn solid: any token shows; free and cached blocks are plain.
+    width = np.ceil(fill * (CELL - 1) - 1e-9).astype(np.int64)
+    width[(codes == FREE) | (codes == CACHED)] = CELL - 1
     solid = np.arange(CELL - 1)[None, :] < width[:, None]  # [n, CELL - 1]
     cells = np.where(solid[..., None], full[index][:, None], light[index][:, None])
     rows = math.ceil(n / columns)
@@ -340,7 +341,7 @@ class TraceExplorer(widgets.VBox):
         for spine in ax.spines.values():
             spine.set_visible(False)
         self._title = self.figure.text(
-            left / size[0], 1 - 3 / size[1], "", va="top", fontsize="small", animated=True
+            4 / size[0], 1 - 3 / size[1], "", va="top", fontsize="small", animated=True
         )
         self._canvas.draw()
         self._background = self._canvas.copy_from_bbox(self.figure.bbox)
@@ -462,7 +463,7 @@ class TraceExplorer(widgets.VBox):
                 f" ({blocks.allocator})" if blocks.allocator else ""
             )
             title += ": {} held, {} shared, {} cached, {} free".format(*counts)
-            title += f" of {blocks.num_blocks} x {blocks.block_size} slots"
+            title += f" of {blocks.num_blocks}x{blocks.block_size}"
         else:
             self.block_codes = None
             pixels = np.ones_like(self._map.get_array())
