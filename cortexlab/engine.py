@@ -443,8 +443,13 @@ class Engine(Serving):
             return []
         self._watch.reset()
         for s in batch.scheduled:
-            if s.request.num_preemptions == 0 and s.request.num_computed_tokens == 0:
-                self._fire_request("request.scheduled", s.request)
+            r = s.request
+            # First scheduled in this step: admitted now (a prefix-cache hit starts it with
+            # computed tokens), or never run before under a policy that passes no time.
+            if r.first_scheduled_time == self.state.now or (
+                r.num_preemptions == 0 and r.num_computed_tokens == 0
+            ):
+                self._fire_request("request.scheduled", r)
         if self.hook_manager.is_active("step.batch"):
             self._fire_step("step.batch", _batch_data(batch))
         sampled = [s.request for s in batch.scheduled if s.needs_logits]

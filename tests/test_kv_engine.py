@@ -46,6 +46,8 @@ def test_prefix_cache_gives_the_same_tokens_and_skips_the_shared_prefill(tiny):
     assert plain_trace.steps.num_batched_tokens.sum() - computed == 5 * 64
     last = trace.steps.iloc[-1]
     assert last.kv_hit_tokens == 5 * 64
+    # Admitted with a cache hit (computed tokens > 0) still counts as first scheduled.
+    assert (trace.request_events.event == "request.scheduled").sum() == len(prompts)
     assert last.kv_lookup_tokens == sum(len(p) for p in prompts)
     assert last.kv_cached_slots > 0  # nobody holds the blocks now; they stay cached
     assert_all_free(engine)
