@@ -69,6 +69,63 @@ def test_mlx_imported_first_warns_with_the_fix():
     assert "RuntimeWarning" in out.stderr and "libopenblas0-pthread" in out.stderr
 
 
+@needs_openblas
+def test_detection_cortexlab_first_reports_the_fast_blas():
+    out = run_python(
+        "import cortexlab as cl; from cortexlab import backend as b; s = b.blas_state(); "
+        "print(s.fast, s.how, s.resolved); print(cl.info(measure=False)['blas'])"
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("True libmlx.so GOT /usr/lib/")
+    assert "OpenBLAS" in second and "RuntimeWarning" not in out.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the reference-BLAS fallback is Linux-only")
+def test_detection_mlx_first_reports_the_reference_blas():
+    out = run_python(
+        "import mlx.core; from cortexlab import backend as b; s = b.blas_state(); "
+        "print(s.fast, s.how, s.resolved)"
+    )
+    assert out.returncode == 0, out.stderr
+    fast, how, resolved = out.stdout.split(maxsplit=2)
+    assert (fast, how) == ("False", "libmlx.so")
+    assert "mlx" in resolved and "libblas" in resolved
+
+
+@needs_openblas
+def test_script_that_loads_openblas_itself_is_told_the_truth():
+    # the program puts OpenBLAS in the global scope itself, then imports mlx, then cortexlab
+    out = run_python(
+        "import ctypes; "
+        f"ctypes.CDLL({DEBIAN_OPENBLAS!r}, mode=ctypes.RTLD_GLOBAL); "
+        "import mlx.core; import cortexlab as cl; from cortexlab import backend as b; "
+        "s = b.blas_state(); print(s.fast, s.resolved); i = cl.info(measure=False); "
+        "print(i['blas_fast'], i['blas'])"
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == f"True {DEBIAN_OPENBLAS}"
+    assert second.startswith("True OpenBLAS")
+    assert "RuntimeWarning" not in out.stderr
+
+
+@needs_openblas
+def test_openblas_loaded_after_mlx_is_still_reported_as_reference():
+    # loaded after mlx's import it is mapped but not bound: MLX still calls the reference BLAS
+    out = run_python(
+        "import mlx.core, ctypes; "
+        f"ctypes.CDLL({DEBIAN_OPENBLAS!r}, mode=ctypes.RTLD_GLOBAL); "
+        "import cortexlab as cl; from cortexlab import backend as b; s = b.blas_state(); "
+        "print(s.fast, any('openblas' in p for p in s.mapped)); "
+        "print(cl.info(measure=False)['blas'])"
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first == "False True"
+    assert "reference BLAS" in second and "RuntimeWarning" in out.stderr
+
+
 def test_info_reports_versions_device_and_speed():
     info = cl.info()
     for key in ("mlx", "mlx-lm", "device", "blas", "fp32_matmul_gflops"):
