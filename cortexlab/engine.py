@@ -132,6 +132,10 @@ class Engine(Serving):
         sampling_order: Default stage order for requests whose ``SamplingParams.order`` is
             None: a preset name ("hf", "llama.cpp", "mlx-lm"), or a non-empty list of stage
             names, stages or functions (default "hf"). See docs/sampling.md.
+        fast_activation: For llama-family models (llama, mistral, qwen2, qwen3), compute the
+            MLP's SiLU as ``x / (1 + 2**(-x log2 e))`` instead of MLX's scalar exp: same
+            greedy tokens, log-probabilities within ~1e-5 of mlx-lm (default True; False
+            gives mlx-lm's exact ops). Other models always run mlx-lm's own code.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class Engine(Serving):
         stall_timeout: float = 3.0,
         max_history: int = DEFAULT_MAX_HISTORY,
         sampling_order: str | Sequence = "hf",
+        fast_activation: bool = True,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
@@ -191,7 +196,7 @@ class Engine(Serving):
             head_dim=model.head_dim,
             dtype=model.dtype,
         )
-        self.runner = Runner(model, self.arena)
+        self.runner = Runner(model, self.arena, fast_activation=fast_activation)
         # The default stage order; SamplingParams.order overrides it per request.
         self.sampler = Sampler(
             sampling_order, vocab_size=model.vocab_size, tokenizer=model.tokenizer

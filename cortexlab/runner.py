@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cortexlab.kv.arena import KVArena, PagedLayerCache, plan_forward
 from cortexlab.models.base import Model
+from cortexlab.models.fast import fast_activation, install_fast_activation
 
 import mlx.core as mx
 import numpy as np
@@ -79,10 +80,13 @@ def split_waves(
 class Runner:
     """Runs rows of work through an mlx-lm model whose attention reads the arena."""
 
-    def __init__(self, model: Model, arena: KVArena) -> None:
+    def __init__(self, model: Model, arena: KVArena, *, fast_activation: bool = True) -> None:
         self.model = model
         self.arena = arena
         module = model.module
+        # SiLU on the vectorised 2**x instead of MLX's scalar exp (llama family only; the
+        # model called directly keeps mlx-lm's exact code): see cortexlab/models/fast.py.
+        self.fast_activation = fast_activation and install_fast_activation(module)
         args = getattr(module, "args", None)
         self._split_head = (
             getattr(args, "model_type", None) in _HEAD_SPLIT_TYPES
@@ -108,11 +112,12 @@ class Runner:
             tokens[i, : len(r.token_ids)] = r.token_ids
         caches = [PagedLayerCache(self.arena, i, plan) for i in range(self.model.num_layers)]
         inputs = mx.array(tokens)
-        out = (
-            self.model.module.model(inputs, cache=caches)
-            if self._split_head
-            else self.model.module(inputs, cache=caches)
-        )
+        with fast_activation(self.fast_activation):
+            out = (
+                self.model.module.model(inputs, cache=caches)
+                if self._split_head
+                else self.model.module(inputs, cache=caches)
+            )
         if width == 1:
             return out[:, 0]
         return out[mx.arange(len(rows)), plan.last_index]

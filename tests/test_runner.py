@@ -67,3 +67,33 @@ def test_split_waves_cuts_long_rows_into_ordered_pieces():
         [(0, 261, 44, True)],
     ]
     assert sum((p.token_ids for w in waves for i, p in w if i == 0), []) == list(range(300))
+
+
+def test_fast_activation_is_used_by_the_runner_only(tiny):
+    """The runner's SiLU on 2**x: within 1e-3 of mlx-lm's exact ops (here ~1e-6), not equal
+    (so it is really used), and the model called directly still runs mlx-lm's exact code."""
+    from cortexlab.kv.arena import KVArena
+    from cortexlab.runner import RowWork, Runner
+
+    import mlx.core as mx
+
+    tokens = list(range(3, 40))
+
+    def logprobs(fast: bool):
+        arena = KVArena(
+            num_layers=tiny.num_layers,
+            num_blocks=8,
+            block_size=16,
+            num_kv_heads=tiny.num_kv_heads,
+            head_dim=tiny.head_dim,
+        )
+        runner = Runner(tiny, arena, fast_activation=fast)
+        assert runner.fast_activation is fast
+        lg = runner.forward([RowWork([0, 1, 2], 0, tokens, True)])[0]
+        return lg - mx.logsumexp(lg)
+
+    exact, fast = logprobs(False), logprobs(True)
+    err = float(mx.abs(exact - fast).max())
+    assert 0 < err < 1e-3
+    direct = tiny.module(mx.array([tokens]))[0, -1]
+    assert float(mx.abs(direct - mx.logsumexp(direct) - exact).max()) < 1e-5
