@@ -26,6 +26,7 @@ import time
 
 import cortexlab as cl  # noqa: I001  (before mlx: loads the fast BLAS)
 from cortexlab.kv.arena import KVArena, plan_forward
+from cortexlab.models.fast import fast_swiglu
 from cortexlab.runner import ATTENTION_CHUNK, RowWork, Runner
 
 import mlx.core as mx
@@ -114,10 +115,12 @@ def head(s: Shapes, rows: int):
     return lambda: mx.eval(s.head(x))
 
 
-def silu(s: Shapes, tokens: int):
+def silu(s: Shapes, tokens: int, fast: bool = False):
+    """mlx-lm's swiglu, or (fast) the runner's 2**x form (`Runner.fast_activation`)."""
     g, u = rand((s.n, tokens, s.intermediate), 5), rand((s.n, tokens, s.intermediate), 6)
     mx.eval(g, u)
-    return lambda: mx.eval([swiglu(g[i], u[i]) for i in range(s.n)])
+    fn = fast_swiglu if fast else swiglu
+    return lambda: mx.eval([fn(g[i], u[i]) for i in range(s.n)])
 
 
 def rmsnorm(s: Shapes, tokens: int):
@@ -262,7 +265,7 @@ def prefill_case(model, s, prompt: int, repeats: int) -> dict:
             "vocab head": best(head(s, 1), repeats),
             "attention": best(attention(s, 1, pieces, emasks), repeats),
             "K/V gather + mask": kv_engine,
-            "SiLU·up": best(silu(s, prompt), repeats),
+            "SiLU·up": best(silu(s, prompt, runner.fast_activation), repeats),
             "RMSNorm": best(rmsnorm(s, prompt), repeats),
             "RoPE": sum(
                 best(rope(s, 1, n, mx.array([a], dtype=mx.int32)), repeats)
@@ -275,7 +278,7 @@ def prefill_case(model, s, prompt: int, repeats: int) -> dict:
             "vocab head": best(head(s, prompt), repeats),
             "attention": best(attention(s, 1, [(prompt, prompt)], ["causal"]), repeats),
             "K/V gather + mask": best(kvcache_update(s, prompt), repeats),
-            "SiLU·up": None,
+            "SiLU·up": best(silu(s, prompt), repeats),
             "RMSNorm": None,
             "RoPE": best(rope(s, 1, prompt, 0), repeats),
             "sampling": None,
@@ -334,7 +337,7 @@ def decode_case(model, s, context: int, repeats: int) -> dict:
             "K/V gather + mask": best(
                 engine_kv_traffic(model, s, arena, tables, offsets, [1] * DECODE_BATCH), repeats
             ),
-            "SiLU·up": best(silu(s, DECODE_BATCH), repeats),
+            "SiLU·up": best(silu(s, DECODE_BATCH, runner.fast_activation), repeats),
             "RMSNorm": best(rmsnorm(s, DECODE_BATCH), repeats),
             "RoPE": best(rope(s, DECODE_BATCH, 1, mx.array(offsets, dtype=mx.int32)), repeats),
             "sampling": best(sampling(s, DECODE_BATCH), repeats),
@@ -343,6 +346,7 @@ def decode_case(model, s, context: int, repeats: int) -> dict:
     mlx = dict(parts["engine"])
     mlx["attention"] = best(attention(s, DECODE_BATCH, [(1, context + 1)], [bmask]), repeats)
     mlx["K/V gather + mask"] = best(batchcache_update(s, context), repeats)
+    mlx["SiLU·up"] = best(silu(s, DECODE_BATCH), repeats)
     mlx["RoPE"] = best(rope(s, DECODE_BATCH, 1, mx.array(offsets, dtype=mx.int32)), repeats)
     parts["mlx-lm"] = mlx
     return {"totals": totals, "parts": parts}
