@@ -560,6 +560,7 @@ class Engine(Serving):
                 "num_generated_tokens": num_generated,
                 "num_finished": num_finished,
                 "num_waiting": len(self.state.waiting),
+                "waiting_ids": [r.request_id for r in self.state.waiting],
                 "num_running": len(self.state.running),
             }
             try:
