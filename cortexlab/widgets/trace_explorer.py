@@ -105,7 +105,8 @@ def queue_table(trace: Any) -> pd.DataFrame:
             for s, ids in zip(steps["step"], steps["waiting_ids"], strict=True)
             for i, rid in enumerate(_ids(ids))
         }
-        key = [rank.get((s, r), len(rank)) for s, r in zip(table.step, table.request_id)]
+        pairs = zip(table["step"], table["request_id"], strict=True)
+        key = [rank.get((s, r), len(rank)) for s, r in pairs]
         table = table.assign(_rank=key).sort_values(["step", "_rank"], kind="stable")
         table = table.drop(columns="_rank").reset_index(drop=True)
     return table
