@@ -206,7 +206,7 @@ class Engine(Serving):
             else sim.SimulatedRunner(model, cost_model)
         )
         # The default stage order; SamplingParams.order overrides it per request.
-        self.sampler = Sampler(
+        self.sampler = (Sampler if cost_model is None else sim.SimulatedSampler)(
             sampling_order, vocab_size=model.vocab_size, tokenizer=model.tokenizer
         )
         self.check_policies = check_policies

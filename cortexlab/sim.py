@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from cortexlab.models.base import Model
 from cortexlab.runner import ATTENTION_CHUNK, MAX_PADDING_TOKENS, RowWork, Runner, group_rows
+from cortexlab.sampling import Sampler
 
 import mlx.core as mx
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "CostModel",
     "NullArena",
     "SimulatedRunner",
+    "SimulatedSampler",
     "batch_features",
     "calibrate",
     "model_identity",
@@ -329,8 +331,47 @@ class NullArena:
 
 def placeholder_token(model: Model) -> int:
     """The token every simulated row emits: the lowest id that is not an end of sequence."""
-    eos = set(getattr(model.tokenizer, "eos_token_ids", None) or ())
-    return next(t for t in range(model.vocab_size) if t not in eos)
+    return _first_non_eos(model.vocab_size, model.tokenizer)
+
+
+def _first_non_eos(vocab_size: int, tokenizer: Any) -> int:
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
+    return next(t for t in range(vocab_size) if t not in eos)
+
+
+class _Placeholders:
+    """A simulated step's draw: nothing to evaluate, the placeholder for every row."""
+
+    arrays: list = []
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+
+
+class SimulatedSampler(Sampler):
+    """A Sampler whose draw is the placeholder token, with no MLX work and no sync.
+
+    Waking MLX for one tiny eval per step costs milliseconds on a busy CPU, more than the
+    rest of a simulated step. Params are still checked at submit; while the
+    ``sampler.distribution`` hook listens (``Trace(tokens=True)``) the real sampler runs on
+    the placeholder logits instead, so its records keep their usual form.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token = _first_non_eos(self.vocab_size, self.tokenizer)
+
+    def sample(self, logits: mx.array, requests: Sequence, *, record: bool = False) -> Any:
+        """The placeholder for each request, or the real sampler's draw when recording."""
+        if record:
+            return super().sample(logits, requests, record=True)
+        return _Placeholders(len(requests))
+
+    def commit(self, sampled: Any, requests: Sequence) -> tuple[list[int], list[dict]]:
+        """The tokens (all the placeholder) and, when recording, the distribution rows."""
+        if isinstance(sampled, _Placeholders):
+            return [self.token] * sampled.num_rows, []
+        return super().commit(sampled, requests)
 
 
 class SimulatedRunner:
