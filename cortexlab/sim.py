@@ -507,7 +507,9 @@ def calibrate(
     Each batch shape of `grid` (rows of (cached, new) token counts; default `DEFAULT_GRID`)
     runs through the real `Runner` on a KV arena, with greedy argmax and the step's one
     ``mx.eval``, `repeats` times after a warm-up; the fastest time is kept (the least
-    disturbed by other work) and the coefficients are fitted by non-negative least squares.
+    disturbed by other work) and the coefficients are fitted by non-negative least squares,
+    each point weighted by 1/duration (relative error). A sketch of what it measures, not
+    the engine's whole step: scheduling and bookkeeping are left out.
     """
     from cortexlab.kv.arena import KVArena
 
@@ -539,11 +541,15 @@ def calibrate(
         tokens.tolist()
         return time.perf_counter() - t0
 
-    features, durations = [], []
     for rows in all_rows:
         timed(rows)  # warm-up: arena growth, kernel compilation
-        durations.append(min(timed(rows) for _ in range(repeats)))
-        features.append(batch_features(rows))
+    # Repeats go round the whole grid, so a burst of other work on a shared CPU spoils one
+    # try of several shapes rather than every try of one shape; the fastest try is kept.
+    durations = [math.inf] * len(all_rows)
+    for _ in range(repeats):
+        for i, rows in enumerate(all_rows):
+            durations[i] = min(durations[i], timed(rows))
+    features = [batch_features(rows) for rows in all_rows]
     info = {
         "grid": [list(map(list, s)) for s in shapes],
         "durations": durations,
