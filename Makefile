@@ -43,12 +43,14 @@ $(BROWSER_STAMP): $(STAMP)
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install -e '.[dev,browser]'
 	touch $(BROWSER_STAMP)
 
+# playwright's own driver (node) needs libatomic1, which a bare Debian lacks.
 test-browser: $(BROWSER_STAMP)
-	@if [ ! -x $(CHROMIUM) ] && ! command -v chromium >/dev/null; then \
+	@if { [ ! -x $(CHROMIUM) ] && ! command -v chromium >/dev/null; } \
+	    || { command -v dpkg >/dev/null && ! dpkg -s libatomic1 >/dev/null 2>&1; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "cortexlab: installing Debian's chromium for the browser check"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || { echo "cortexlab: test-browser: apt-get install chromium failed"; exit 1; }; \
+	    echo "cortexlab: installing Debian's chromium and libatomic1 for the browser check"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libatomic1 >/dev/null) \
+	      || { echo "cortexlab: test-browser: apt-get install chromium libatomic1 failed"; exit 1; }; \
 	  fi; \
 	fi; \
 	if [ ! -x $(CHROMIUM) ] && ! command -v chromium >/dev/null; then \

@@ -7,7 +7,7 @@ are built with this API reference by `make docs`, as the [guides](guides.html) p
 
 # backend must be imported before anything imports mlx: it loads the fast BLAS.
 from cortexlab.backend import info, seed  # noqa: I001
-from cortexlab import guard, kv, sampling, schedulers
+from cortexlab import guard, kv, sampling, schedulers, sim
 from cortexlab.engine import Completion, Engine, Result
 from cortexlab.guard import EngineError, PolicyError, StallError, StepError
 from cortexlab.hooks import HOOK_POINTS
@@ -45,6 +45,7 @@ __all__ = [
     "sampling",
     "schedulers",
     "seed",
+    "sim",
     "sweep",
     "viz",
     "widgets",

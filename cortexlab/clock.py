@@ -1,10 +1,10 @@
-"""Engine clocks: real time, or time that advances only by measured work."""
+"""Engine clocks: real time, time that advances only by measured work, or simulated time."""
 
 from __future__ import annotations
 
 import time
 
-CLOCKS = ("wall", "measured")
+CLOCKS = ("wall", "measured", "simulated")
 
 
 class Clock:
@@ -12,6 +12,8 @@ class Clock:
 
     `wall`: real elapsed time. `measured`: advances only by each step's measured duration
     (plus explicit jumps over idle gaps), so experiments do not wait through idle time.
+    `simulated`: advances only by the durations it is given (a cost model's step times) and
+    the same idle jumps, so it never depends on how fast this machine runs.
     """
 
     def __init__(self, kind: str) -> None:
@@ -21,6 +23,11 @@ class Clock:
         self._start = time.perf_counter()
         self._measured = 0.0
 
+    @property
+    def is_virtual(self) -> bool:
+        """True when time passes only by `advance` and `jump` (measured, simulated)."""
+        return self.kind != "wall"
+
     def now(self) -> float:
         """Current engine time."""
         if self.kind == "wall":
@@ -28,11 +35,11 @@ class Clock:
         return self._measured
 
     def jump(self, seconds: float) -> None:
-        """Skip idle time (measured clock only): nothing runs while it passes."""
-        if self.kind == "measured" and seconds > 0:
+        """Skip idle time (measured and simulated clocks): nothing runs while it passes."""
+        if self.kind != "wall" and seconds > 0:
             self._measured += seconds
 
     def advance(self, seconds: float) -> None:
-        """Add a step's measured duration (no-op for the wall clock)."""
-        if self.kind == "measured":
+        """Add a step's duration, measured or simulated (no-op for the wall clock)."""
+        if self.kind != "wall":
             self._measured += seconds

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cortexlab import sim
 from cortexlab.backend import warn_if_slow
 from cortexlab.clock import Clock
 from cortexlab.forks import fork_ready, make_forks, unforked
@@ -120,8 +121,13 @@ class Engine(Serving):
             (default True). When False a prompt runs whole or not at all, and a prompt
             longer than `max_num_batched_tokens` fails at submit; recomputing a preempted
             request is chunked either way.
-        clock: Engine time (default "wall"): "wall" (real time) or "measured" (advances by
-            each step's measured duration and jumps over idle gaps, for experiments).
+        clock: Engine time (default "wall"): "wall" (real time), "measured" (advances by
+            each step's measured duration and jumps over idle gaps, for experiments) or
+            "simulated" (no forward pass: each step lasts what `cost_model` says and emits
+            placeholder tokens; see ``cortexlab/sim.py``).
+        cost_model: With ``clock="simulated"`` only, and required there: a
+            ``cl.sim.CostModel`` or the path of one saved by ``CostModel.save`` (a file
+            calibrated on another model is refused).
         check_policies: Run the policy guard (``cortexlab/guard.py``) on every step's batch
             and block tables; a bool (default True). Block ids outside the arena are
             refused even when False.
@@ -151,6 +157,7 @@ class Engine(Serving):
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         clock: str = "wall",
+        cost_model: Any = None,
         check_policies: bool = True,
         stall_timeout: float = 3.0,
         max_history: int = DEFAULT_MAX_HISTORY,
@@ -170,6 +177,7 @@ class Engine(Serving):
             enable_chunked_prefill=enable_chunked_prefill,
         )
         self.clock = Clock(clock)
+        cost_model = sim.check_simulation(clock, cost_model, model)
         self.scheduler = as_scheduler(scheduler)
         check_config = getattr(self.scheduler, "check_config", None)
         if callable(check_config):
@@ -188,7 +196,8 @@ class Engine(Serving):
         check_arena_size(
             model, num_blocks=self.allocator.num_blocks, block_size=self.allocator.block_size
         )
-        self.arena = KVArena(
+        # A simulated engine stores no K/V: its arena only checks block ids.
+        self.arena = (KVArena if cost_model is None else sim.NullArena)(
             num_layers=model.num_layers,
             num_blocks=self.allocator.num_blocks,
             block_size=self.allocator.block_size,
@@ -196,9 +205,13 @@ class Engine(Serving):
             head_dim=model.head_dim,
             dtype=model.dtype,
         )
-        self.runner = Runner(model, self.arena, fast_activation=fast_activation)
+        self.runner = (
+            Runner(model, self.arena, fast_activation=fast_activation)
+            if cost_model is None
+            else sim.SimulatedRunner(model, cost_model)
+        )
         # The default stage order; SamplingParams.order overrides it per request.
-        self.sampler = Sampler(
+        self.sampler = (Sampler if cost_model is None else sim.SimulatedSampler)(
             sampling_order, vocab_size=model.vocab_size, tokenizer=model.tokenizer
         )
         self.check_policies = check_policies
@@ -335,7 +348,7 @@ class Engine(Serving):
         if self._incoming or self.state.waiting or self.state.running or not self._pending:
             return
         gap = self._pending[0][0] - self.clock.now()
-        if gap > 0 and self.clock.kind == "measured":
+        if gap > 0 and self.clock.is_virtual:
             self.clock.jump(gap)
         elif gap > 0:
             # Bounded, so a background loop still notices stop() and new submissions.
@@ -400,7 +413,7 @@ class Engine(Serving):
         for request in requests:
             if not request.is_finished:
                 self._end(request, FinishReason.ERROR, now, error=error)
-        self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=len(requests))
+        self._end_step(self.runner.elapsed(t0), num_generated=0, num_finished=len(requests))
         return error
 
     def _schedule(self, t0: float) -> Batch:
@@ -444,7 +457,7 @@ class Engine(Serving):
             self._fire_request("request.preempted", request)
         if batch.is_empty:
             self._watch_progress(t0)
-            self._end_step(time.perf_counter() - t0, num_generated=0, num_finished=0)
+            self._end_step(self.runner.elapsed(t0), num_generated=0, num_finished=0)
             return []
         self._watch.reset()
         for s in batch.scheduled:
@@ -484,7 +497,7 @@ class Engine(Serving):
                 f"{type(exc).__name__}: {exc}"
             )
             raise self._abort(t0, [s.request for s in batch.scheduled], error, exc) from exc
-        duration = time.perf_counter() - t0
+        duration = self.runner.elapsed(t0)  # measured, or the cost model's (simulated)
         self.clock.advance(duration)
         now = self.clock.now()
         for s in batch.scheduled:
@@ -565,6 +578,7 @@ class Engine(Serving):
                 "num_generated_tokens": num_generated,
                 "num_finished": num_finished,
                 "num_waiting": len(self.state.waiting),
+                "waiting_ids": [r.request_id for r in self.state.waiting],
                 "num_running": len(self.state.running),
             }
             try:

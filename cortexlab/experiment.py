@@ -104,13 +104,29 @@ def _fresh(policy: Any) -> Any:
         return policy
 
 
+BACKENDS = ("engine", "sim")
+
+
+def _backend_clock(backend: str, clock: str | None) -> str:
+    """The engine clock a backend runs on: "sim" is the simulated clock (a cost model's step
+    times, no forward pass), "engine" the real forward pass on `clock` (default measured)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "sim":
+        if clock not in (None, "simulated"):
+            raise ValueError(f"backend='sim' runs on the simulated clock; got clock={clock!r}")
+        return "simulated"
+    return "measured" if clock is None else clock
+
+
 def run_workload(
     model: Model,
     workload: Workload,
     *,
     scheduler: Any = "fcfs",
     allocator: Any = "paged",
-    clock: str = "measured",
+    clock: str | None = None,
+    backend: str = "engine",
     slo: Mapping[str, float] | None = None,
     name: str | None = None,
     blocks: bool = False,
@@ -119,6 +135,9 @@ def run_workload(
     """Run every request of `workload` at its arrival time on a fresh engine; summarise it.
 
     `blocks=True` records which block each request holds at every step (`Trace(blocks=True)`).
+    `backend="sim"` runs the same policies on the simulated clock, pricing each step with
+    `cost_model` (pass it among the engine options; see ``cortexlab/sim.py``); the default
+    "engine" runs the model on `clock` (default "measured").
 
     A scheduler or allocator given as an object runs as a copy: every run starts from the
     object as given, which stays unchanged (so a sweep's runs do not share its state).
@@ -126,6 +145,7 @@ def run_workload(
     if not isinstance(workload, Workload):
         raise TypeError(f"workload must be a cl.workloads.Workload, got {type(workload).__name__}")
     slo = check_slo(slo)
+    clock = _backend_clock(backend, clock)
     engine = Engine(
         model,
         scheduler=_fresh(scheduler),
@@ -147,6 +167,7 @@ def run_workload(
         except EngineError as exc:  # the failed requests carry it; the summary counts them
             error = f"{type(exc).__name__}: {exc}"
     config = {"scheduler": label(scheduler), "allocator": label(allocator), "clock": clock}
+    config |= {"backend": backend} if backend != "engine" else {}
     return Run(
         name=name or label(scheduler),
         config=config | engine_kwargs,
@@ -218,14 +239,17 @@ def compare(
     *,
     allocator: Any = "paged",
     slo: Mapping[str, float] | None = None,
-    clock: str = "measured",
+    clock: str | None = None,
+    backend: str = "engine",
     progress: bool = True,
     **engine_kwargs: Any,
 ) -> Comparison:
     """Run `workload` once per scheduler (same model, allocator, limits) and compare them.
 
     `schedulers` is a list (each named by `label`) or a dict name -> scheduler.
+    `backend="sim"` (with ``cost_model=...``) simulates each run instead (`run_workload`).
     """
+    _backend_clock(backend, clock)  # a bad backend fails before the first run
     if isinstance(schedulers, Mapping):
         names, schedulers = [str(n) for n in schedulers], list(schedulers.values())
     else:
@@ -245,6 +269,7 @@ def compare(
             scheduler=scheduler,
             allocator=allocator,
             clock=clock,
+            backend=backend,
             slo=slo,
             name=name,
             **engine_kwargs,
@@ -263,7 +288,8 @@ def compare_allocators(
     *,
     scheduler: Any = "fcfs",
     slo: Mapping[str, float] | None = None,
-    clock: str = "measured",
+    clock: str | None = None,
+    backend: str = "engine",
     blocks: bool = False,
     progress: bool = True,
     **engine_kwargs: Any,
@@ -272,8 +298,9 @@ def compare_allocators(
 
     `allocators` is a list (each named by `label`) or a dict name -> allocator; pass
     `num_blocks`/`block_size` so every allocator gets the same arena. `blocks=True` keeps
-    each run's block tables for `cl.viz.plot_block_map`.
+    each run's block tables for `cl.viz.plot_block_map`. `backend="sim"` as in `compare`.
     """
+    _backend_clock(backend, clock)
     if isinstance(allocators, Mapping):
         names, allocators = [str(n) for n in allocators], list(allocators.values())
     else:
@@ -290,6 +317,7 @@ def compare_allocators(
             scheduler=scheduler,
             allocator=allocator,
             clock=clock,
+            backend=backend,
             slo=slo,
             name=name,
             blocks=blocks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from cortexlab.kv.arena import KVArena, PagedLayerCache, plan_forward
@@ -93,6 +94,10 @@ class Runner:
             and hasattr(module, "model")
             and hasattr(module.model, "embed_tokens")
         )
+
+    def elapsed(self, t0: float) -> float:
+        """The step's duration: wall seconds since `t0` (perf_counter)."""
+        return time.perf_counter() - t0
 
     def _head(self, hidden: mx.array) -> mx.array:
         module = self.model.module

@@ -49,6 +49,12 @@ def test_queue_table_replays_the_engine_queues(run):
     assert set(preempted["request_id"]) == set(
         run.trace.requests.query("num_preemptions > 0")["request_id"]
     )
+    # Waiting rows follow the scheduler's queue: a preempted request goes back first in line.
+    for step, row in steps.iterrows():
+        live = table[(table["step"] == step) & (table["state"] == "waiting")]
+        assert list(live["request_id"]) == list(row["waiting_ids"])
+    victim_steps = steps[steps["num_preempted"] > 0]
+    assert any(row["waiting_ids"][0] in row["preempted_ids"] for _, row in victim_steps.iterrows())
 
 
 def test_block_codes_match_the_trace_block_map(run):

@@ -58,7 +58,8 @@ def queue_table(trace: Any) -> pd.DataFrame:
     """One row per (step, request) live after that step: state "waiting" or "running",
     since_step (when it entered that state), num_preemptions so far, and scheduled (in that
     step's batch). Replayed from `.request_events` and the steps' `request_ids`; waiting
-    requests are listed in arrival order (the scheduler's own queue order is not recorded)."""
+    requests in the scheduler's queue order (`waiting_ids`), or arrival order in traces
+    recorded before that column existed."""
     steps = as_steps(trace, ["step"])
     events = trace.request_events
     cells = steps["request_ids"] if "request_ids" in steps else [None] * len(steps)
@@ -96,7 +97,19 @@ def queue_table(trace: Any) -> pd.DataFrame:
                 live.pop(rid, None)
         if step in batches:
             rows += [(step, rid, *entry, rid in scheduled) for rid, entry in live.items()]
-    return pd.DataFrame(rows, columns=QUEUE_COLUMNS)
+    table = pd.DataFrame(rows, columns=QUEUE_COLUMNS)
+    if "waiting_ids" in steps and not table.empty:
+        # The engine records the scheduler's own queue order: waiting rows follow it.
+        rank = {
+            (int(s), rid): i
+            for s, ids in zip(steps["step"], steps["waiting_ids"], strict=True)
+            for i, rid in enumerate(_ids(ids))
+        }
+        pairs = zip(table["step"], table["request_id"], strict=True)
+        key = [rank.get((s, r), len(rank)) for s, r in pairs]
+        table = table.assign(_rank=key).sort_values(["step", "_rank"], kind="stable")
+        table = table.drop(columns="_rank").reset_index(drop=True)
+    return table
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +396,7 @@ class TraceExplorer(widgets.VBox):
         return rows[["request_id", "num_new_tokens", "is_prefill"]].reset_index(drop=True)
 
     def waiting(self, step: int | None = None) -> list:
-        """Request ids waiting after `step` (default the shown one), in arrival order."""
+        """Request ids waiting after `step` (default the shown one), next in line first."""
         rows = self._queues.get(self.step if step is None else step)
         return [] if rows is None else list(rows.loc[rows["state"] == "waiting", "request_id"])
 

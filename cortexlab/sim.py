@@ -1,0 +1,563 @@
+"""Simulated execution: a cost model of each step's batch instead of a forward pass.
+
+``Engine(model, clock="simulated", cost_model=...)`` swaps the `Runner` for a
+`SimulatedRunner`: the scheduler, allocator, hooks and Trace run unchanged, but no forward
+pass runs and nothing is written to the KV arena; each step lasts what the `CostModel`
+says its batch costs, and every sampled row gets one placeholder token (never EOS), so a
+workload's request (``max_tokens = output_len``, ``ignore_eos``) emits exactly its output
+length. The cost model is linear in a few batch features, with named coefficients that
+`calibrate` fits by least squares to the real engine's step times on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cortexlab.models.base import Model
+from cortexlab.runner import ATTENTION_CHUNK, MAX_PADDING_TOKENS, RowWork, Runner, group_rows
+from cortexlab.sampling import Sampler
+
+import mlx.core as mx
+import numpy as np
+
+__all__ = [
+    "BatchFeatures",
+    "CostModel",
+    "NullArena",
+    "SimulatedRunner",
+    "SimulatedSampler",
+    "batch_features",
+    "calibrate",
+    "model_identity",
+    "placeholder_token",
+]
+
+FORMAT = "cortexlab.sim.CostModel"
+FORMAT_VERSION = 1
+# A logit gap no sampling stage closes: penalties and biases move logits by a few units, so
+# greedy and random sampling alike pick the placeholder token.
+_PLACEHOLDER_GAP = 1e4
+
+
+class BatchFeatures(NamedTuple):
+    """What a step's batch costs depend on, in the real runner's terms."""
+
+    num_prefill_tokens: int  # new tokens of rows with more than one (prompt chunks)
+    num_decode_rows: int  # rows with exactly one new token (decodes; run as one group)
+    num_context_tokens: int  # sum over rows of cached + new tokens: the keys attended
+    num_padding_tokens: int  # slots the runner pads its groups with (computed, discarded)
+    num_sampled_rows: int  # rows whose logits are sampled
+    num_forwards: int  # forward passes the runner makes (groups x attention waves)
+
+
+def _layout(lengths: Sequence[int]) -> tuple[int, int]:
+    """(padding tokens, forward passes) of the real runner for rows of these lengths:
+    rows cut into `ATTENTION_CHUNK` pieces (waves), each wave grouped by `group_rows`."""
+    padding = forwards = 0
+    wave = list(lengths)
+    while wave:
+        pieces = [min(n, ATTENTION_CHUNK) for n in wave]
+        groups = group_rows(pieces, MAX_PADDING_TOKENS)
+        forwards += len(groups)
+        for group in groups:
+            sizes = [pieces[i] for i in group]
+            padding += max(sizes) * len(sizes) - sum(sizes)
+        wave = [n - ATTENTION_CHUNK for n in wave if n > ATTENTION_CHUNK]
+    return padding, forwards
+
+
+def batch_features(rows: Sequence[RowWork]) -> BatchFeatures:
+    """The features of one step's rows (as the engine hands them to a runner)."""
+    lengths = [len(r.token_ids) for r in rows]
+    num_decode = lengths.count(1)
+    if num_decode == len(lengths):
+        padding, forwards = 0, 1 if lengths else 0  # the common all-decode step: one group
+    else:
+        padding, forwards = _layout(lengths)
+    return BatchFeatures(
+        num_prefill_tokens=sum(lengths) - num_decode,
+        num_decode_rows=num_decode,
+        num_context_tokens=sum(r.offset for r in rows) + sum(lengths),
+        num_padding_tokens=padding,
+        num_sampled_rows=sum(1 for r in rows if r.needs_logits),
+        num_forwards=forwards,
+    )
+
+
+def model_identity(model: Model) -> dict:
+    """What a calibration depends on: the model's name and shapes (not its weights' values)."""
+    s = model.summary()
+    keys = ("name", "layers", "kv_heads", "head_dim", "vocab", "dtype", "parameters")
+    return {k: s[k] for k in keys}
+
+
+# Coefficient name -> the feature it multiplies (None: once per non-empty step).
+_TERMS = {
+    "step_s": None,
+    "forward_s": "num_forwards",
+    "prefill_token_s": "num_prefill_tokens",
+    "decode_row_s": "num_decode_rows",
+    "context_token_s": "num_context_tokens",
+    "padding_token_s": "num_padding_tokens",
+    "sampled_row_s": "num_sampled_rows",
+}
+
+
+@dataclass(slots=True)
+class CostModel:
+    """A step's duration in seconds: ``step_s + sum(coefficient x feature)``.
+
+    Each coefficient is seconds per unit of its `BatchFeatures` field (``forward_s`` per
+    forward pass, ``prefill_token_s`` per prompt token, ...); all finite and >= 0. `model`
+    is the identity (`model_identity`) of the model it was calibrated on, or None for a
+    hand-written or hypothetical one; `info` says how it was made (grid, machine, fit error).
+    """
+
+    step_s: float = 0.0
+    forward_s: float = 0.0
+    prefill_token_s: float = 0.0
+    decode_row_s: float = 0.0
+    context_token_s: float = 0.0
+    padding_token_s: float = 0.0
+    sampled_row_s: float = 0.0
+    model: dict | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in _TERMS:
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not 0 <= value < math.inf
+            ):
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.model is not None and not isinstance(self.model, dict):
+            raise ValueError(f"CostModel.model must be a dict or None, got {self.model!r}")
+        if not isinstance(self.info, dict):
+            raise ValueError(f"CostModel.info must be a dict, got {self.info!r}")
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        """Coefficient name -> value."""
+        return {name: getattr(self, name) for name in _TERMS}
+
+    def __call__(self, features: BatchFeatures) -> float:
+        """Seconds a step with these features takes (0 for an empty batch)."""
+        if features.num_prefill_tokens + features.num_decode_rows == 0:
+            return 0.0
+        return (
+            self.step_s
+            + self.forward_s * features.num_forwards
+            + self.prefill_token_s * features.num_prefill_tokens
+            + self.decode_row_s * features.num_decode_rows
+            + self.context_token_s * features.num_context_tokens
+            + self.padding_token_s * features.num_padding_tokens
+            + self.sampled_row_s * features.num_sampled_rows
+        )
+
+    def predict(self, rows: Sequence[RowWork]) -> float:
+        """Seconds a step over these rows takes."""
+        return self(batch_features(rows))
+
+    def check_model(self, model: Model, source: str = "this cost model") -> None:
+        """ValueError if this cost model was calibrated on a model other than `model`."""
+        if self.model is None:
+            return
+        mine = model_identity(model)
+        if self.model != mine:
+            diff = {k: (self.model.get(k), mine[k]) for k in mine if self.model.get(k) != mine[k]}
+            detail = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{source} was calibrated on model {self.model.get('name')!r}, not on "
+                f"{mine['name']!r} ({detail}); calibrate this model with cl.sim.calibrate(model)"
+            )
+
+    def to_dict(self) -> dict:
+        """The JSON-able form `save` writes."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.model,
+            "coefficients": self.coefficients,
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write this cost model as a small JSON file; returns its path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "cost model") -> CostModel:
+        """A cost model from `to_dict`'s form; ValueError naming what is wrong."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a cortexlab cost model (no format {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format version {data.get('version')!r}; this cortexlab reads "
+                f"version {FORMAT_VERSION}: recalibrate with cl.sim.calibrate(model)"
+            )
+        coefficients = data.get("coefficients")
+        if not isinstance(coefficients, Mapping) or set(coefficients) != set(_TERMS):
+            raise ValueError(
+                f"{source}: coefficients must be exactly {sorted(_TERMS)}, got "
+                f"{sorted(coefficients) if isinstance(coefficients, Mapping) else coefficients!r}"
+            )
+        try:
+            return cls(**coefficients, model=data.get("model"), info=dict(data.get("info") or {}))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model | None = None) -> CostModel:
+        """Read a cost model saved by `save`; with `model`, refuse one calibrated on another."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read cost model file {str(path)!r}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cost model file {str(path)!r} is not valid JSON: {exc}") from None
+        cost_model = cls.from_dict(data, source=f"cost model file {str(path)!r}")
+        if model is not None:
+            cost_model.check_model(model, source=f"cost model file {str(path)!r}")
+        return cost_model
+
+    @classmethod
+    def fit(
+        cls,
+        features: Sequence[BatchFeatures],
+        durations: Sequence[float],
+        *,
+        model: dict | None = None,
+        info: Mapping | None = None,
+    ) -> CostModel:
+        """Non-negative least squares of `durations` on `features` (relative error weighted)."""
+        if len(features) != len(durations) or len(features) == 0:
+            raise ValueError(
+                f"fit needs as many durations as features (at least one), got "
+                f"{len(features)} features and {len(durations)} durations"
+            )
+        y = np.asarray(durations, dtype=np.float64)
+        if not np.all(np.isfinite(y)) or np.any(y <= 0):
+            raise ValueError("fit: durations must be finite and > 0")
+        x = np.array(
+            [[1.0 if f is None else getattr(b, f) for f in _TERMS.values()] for b in features],
+            dtype=np.float64,
+        )
+        # Weight each point by 1/duration: a 5 ms step matters as much as a 500 ms one.
+        coef = _nnls(x / y[:, None], np.ones_like(y))
+        fitted = dict(zip(_TERMS, coef.tolist(), strict=True))
+        predicted = x @ coef
+        error = np.abs(predicted - y) / y
+        meta = {"num_points": len(y), "max_rel_error": float(error.max())}
+        meta["mean_rel_error"] = float(error.mean())
+        return cls(**fitted, model=model, info={**meta, **(info or {})})
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><th>{k}</th><td>{v:.4g}</td></tr>" for k, v in self.coefficients.items()
+        )
+        name = self.model.get("name") if self.model else "no model"
+        return f"<b>CostModel ({name})</b><table>{rows}</table>"
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min ||a x - b|| with x >= 0 (Lawson-Hanson active set; scipy is not a dependency)."""
+    # Columns differ by orders of magnitude (tokens vs rows): solve on unit-norm columns.
+    norms = np.linalg.norm(a, axis=0)
+    norms[norms == 0] = 1.0
+    a = a / norms
+    n = a.shape[1]
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    tol = 1e-10 * max(1.0, float(np.abs(a).max()))
+    for _ in range(3 * n):
+        w = a.T @ (b - a @ x)
+        if passive.all() or w[~passive].max(initial=-np.inf) <= tol:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, w))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if z[passive].min() > 0:
+                x = z
+                break
+            # Step back to the boundary and drop the coefficients that went negative.
+            bad = passive & (z <= 0)
+            alpha = np.min(x[bad] / (x[bad] - z[bad]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+    return x / norms
+
+
+class NullArena:
+    """The KV arena of a simulated engine: sized like the real one, holding no memory."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, **_: Any) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.capacity = num_blocks
+        self.keys: list = []
+        self.values: list = []
+
+    @property
+    def arrays(self) -> list:
+        """No arrays: nothing to evaluate with a step."""
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: none."""
+        return 0
+
+    def ensure(self, max_block_id: int) -> None:
+        """Nothing to grow (block ids are still checked against the arena)."""
+        if not 0 <= max_block_id < self.num_blocks:
+            raise IndexError(f"block id {max_block_id} is outside the arena [0, {self.num_blocks})")
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Nothing to copy: no K/V is stored."""
+
+
+def placeholder_token(model: Model) -> int:
+    """The token every simulated row emits: the lowest id that is not an end of sequence."""
+    return _first_non_eos(model.vocab_size, model.tokenizer)
+
+
+def _first_non_eos(vocab_size: int, tokenizer: Any) -> int:
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
+    return next(t for t in range(vocab_size) if t not in eos)
+
+
+class _Placeholders:
+    """A simulated step's draw: nothing to evaluate, the placeholder for every row."""
+
+    arrays: list = []
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+
+
+class SimulatedSampler(Sampler):
+    """A Sampler whose draw is the placeholder token, with no MLX work and no sync.
+
+    Waking MLX for one tiny eval per step costs milliseconds on a busy CPU, more than the
+    rest of a simulated step. Params are still checked at submit; while the
+    ``sampler.distribution`` hook listens (``Trace(tokens=True)``) the real sampler runs on
+    the placeholder logits instead, so its records keep their usual form.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token = _first_non_eos(self.vocab_size, self.tokenizer)
+
+    def sample(self, logits: mx.array, requests: Sequence, *, record: bool = False) -> Any:
+        """The placeholder for each request, or the real sampler's draw when recording."""
+        if record:
+            return super().sample(logits, requests, record=True)
+        return _Placeholders(len(requests))
+
+    def commit(self, sampled: Any, requests: Sequence) -> tuple[list[int], list[dict]]:
+        """The tokens (all the placeholder) and, when recording, the distribution rows."""
+        if isinstance(sampled, _Placeholders):
+            return [self.token] * sampled.num_rows, []
+        return super().commit(sampled, requests)
+
+
+class SimulatedRunner:
+    """The Runner's interface without a forward pass: logits that pick a placeholder token,
+    and a step duration from the cost model."""
+
+    def __init__(self, model: Model, cost_model: CostModel) -> None:
+        self.model = model
+        self.cost_model = cost_model
+        self.token = placeholder_token(model)
+        row = np.full((1, model.vocab_size), -_PLACEHOLDER_GAP, dtype=np.float32)
+        row[0, self.token] = 0.0
+        self._row = mx.array(row)
+        mx.eval(self._row)
+        self._logits: dict[int, mx.array] = {}  # rows -> the broadcast logits, built once
+        self._duration = 0.0
+        self.last_features: BatchFeatures | None = None
+
+    def forward(self, rows: list[RowWork]) -> mx.array:
+        """Placeholder logits [R, V] for the rows with `needs_logits`; prices the step."""
+        if not rows:
+            raise ValueError("rows must not be empty")
+        features = self.last_features = batch_features(rows)
+        self._duration = self.cost_model(features)
+        n = features.num_sampled_rows
+        logits = self._logits.get(n)
+        if logits is None:
+            logits = self._logits[n] = mx.broadcast_to(self._row, (n, self.model.vocab_size))
+        return logits
+
+    def elapsed(self, t0: float) -> float:
+        """The step's simulated duration (0 for a step that ran nothing); resets it."""
+        duration, self._duration = self._duration, 0.0
+        return duration
+
+
+def check_simulation(clock: str, cost_model: Any, model: Model) -> CostModel | None:
+    """The engine's cost model: required with ``clock="simulated"``, refused otherwise.
+
+    A path is loaded with `CostModel.load` (refusing a file calibrated on another model).
+    """
+    if clock != "simulated":
+        if cost_model is not None:
+            raise ValueError(f"cost_model is only used with clock='simulated', got clock={clock!r}")
+        return None
+    if cost_model is None:
+        raise ValueError(
+            "clock='simulated' needs a cost_model: load a calibration with "
+            "cl.sim.CostModel.load(path), fit one on this machine with "
+            "cl.sim.calibrate(model), or write coefficients by hand, e.g. "
+            "cl.sim.CostModel(step_s=0.005, prefill_token_s=1e-4, decode_row_s=1e-3)"
+        )
+    if isinstance(cost_model, str | Path):
+        return CostModel.load(cost_model, model)
+    if not isinstance(cost_model, CostModel):
+        raise ValueError(
+            f"cost_model must be a cl.sim.CostModel or a path to one, got "
+            f"{type(cost_model).__name__}"
+        )
+    return cost_model
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+# Batch shapes profiled by default: each a tuple of rows (cached tokens, new tokens).
+# Decodes at several batch sizes and contexts, prompts alone and together, and mixed steps.
+DEFAULT_GRID: tuple[tuple[tuple[int, int], ...], ...] = (
+    ((0, 1),),
+    ((64, 1),) * 4,
+    ((256, 1),) * 4,
+    ((32, 1),) * 16,
+    ((256, 1),) * 16,
+    ((0, 16),),
+    ((0, 64),),
+    ((0, 200),),
+    ((0, 64), (0, 56)),
+    ((0, 32),) * 4,
+    ((0, 64), (0, 16)),
+    ((128, 64),),
+    ((64, 1),) * 8 + ((0, 48),),
+    ((128, 1),) * 8 + ((0, 128),),
+)
+
+
+def _check_grid(grid: Any, model: Model) -> list[tuple[tuple[int, int], ...]]:
+    """The grid as tuples of (cached, new) int pairs; ValueError naming a bad entry."""
+    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or not grid:
+        raise ValueError(f"grid must be a non-empty list of batch shapes, got {grid!r}")
+    shapes = []
+    for i, shape in enumerate(grid):
+        if isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or not shape:
+            raise ValueError(
+                f"grid[{i}] must be a non-empty list of (cached, new) token counts, got {shape!r}"
+            )
+        rows = []
+        for row in shape:
+            ok = (
+                isinstance(row, Sequence)
+                and len(row) == 2
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in row)
+            )
+            if not ok or row[0] < 0 or row[1] < 1 or row[0] + row[1] > model.max_context:
+                raise ValueError(
+                    f"grid[{i}]: each row must be (cached, new) ints with cached >= 0, new >= 1 "
+                    f"and cached + new <= {model.max_context} (the model's context), got {row!r}"
+                )
+            rows.append((int(row[0]), int(row[1])))
+        shapes.append(tuple(rows))
+    return shapes
+
+
+def _shape_rows(shape: Sequence[tuple[int, int]], block_size: int, vocab: int) -> list[RowWork]:
+    """Rows of one batch shape with disjoint block tables and seeded token ids."""
+    rng = np.random.default_rng(0)
+    rows, next_block = [], 0
+    for cached, new in shape:
+        n = -(-(cached + new) // block_size)
+        table = list(range(next_block, next_block + n))
+        next_block += n
+        rows.append(RowWork(table, cached, rng.integers(0, vocab, new).tolist(), True))
+    return rows
+
+
+def calibrate(
+    model: Model,
+    *,
+    grid: Sequence[Sequence[tuple[int, int]]] | None = None,
+    repeats: int = 3,
+    block_size: int = 16,
+) -> CostModel:
+    """Fit a CostModel to the real runner's step times on this machine.
+
+    Each batch shape of `grid` (rows of (cached, new) token counts; default `DEFAULT_GRID`)
+    runs through the real `Runner` on a KV arena, with greedy argmax and the step's one
+    ``mx.eval``, `repeats` times after a warm-up; the fastest time is kept (the least
+    disturbed by other work) and the coefficients are fitted by non-negative least squares,
+    each point weighted by 1/duration (relative error). A sketch of what it measures, not
+    the engine's whole step: scheduling and bookkeeping are left out.
+    """
+    from cortexlab.kv.arena import KVArena
+
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
+    shapes = _check_grid(DEFAULT_GRID if grid is None else grid, model)
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral):
+        raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
+    if not 1 <= repeats <= 1000:
+        raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    all_rows = [_shape_rows(s, block_size, model.vocab_size) for s in shapes]
+    num_blocks = max(max(r.block_table) for rows in all_rows for r in rows) + 1
+    arena = KVArena(
+        num_layers=model.num_layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        dtype=model.dtype,
+    )
+    runner = Runner(model, arena)
+
+    def timed(rows: list[RowWork]) -> float:
+        t0 = time.perf_counter()
+        tokens = mx.argmax(runner.forward(rows), axis=-1)
+        mx.eval(tokens, *arena.arrays)
+        tokens.tolist()
+        return time.perf_counter() - t0
+
+    for rows in all_rows:
+        timed(rows)  # warm-up: arena growth, kernel compilation
+    # Repeats go round the whole grid, so a burst of other work on a shared CPU spoils one
+    # try of several shapes rather than every try of one shape; the fastest try is kept.
+    durations = [math.inf] * len(all_rows)
+    for _ in range(repeats):
+        for i, rows in enumerate(all_rows):
+            durations[i] = min(durations[i], timed(rows))
+    features = [batch_features(rows) for rows in all_rows]
+    info = {
+        "grid": [list(map(list, s)) for s in shapes],
+        "durations": durations,
+        "repeats": repeats,
+        "block_size": block_size,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "mlx": getattr(mx, "__version__", "unknown"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return CostModel.fit(features, durations, model=model_identity(model), info=info)
