@@ -246,11 +246,33 @@ def test_calibrate_fits_the_real_runner(tiny, tmp_path) -> None:
     assert sum(cm.coefficients.values()) > 0
     assert cm.model == cl.sim.model_identity(tiny)
     assert cm.info["num_points"] == len(grid)
-    # Its own points, within a loose bound (this CPU is shared: timings are noisy).
-    for shape, measured in zip(cm.info["grid"], cm.info["durations"], strict=True):
-        rows = [RowWork(list(range(16)), c, [1] * n, True) for c, n in shape]
-        assert 0.33 * measured < cm.predict(rows) < 3 * measured
+    assert all(d > 0 for d in cm.info["durations"])
     assert CostModel.load(cm.save(tmp_path / "tiny.json"), tiny) == cm
+    # How well it fits is a benchmark question (timings on a shared CPU are noisy); the
+    # fit itself is checked exactly on synthetic durations below.
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    shapes = [
+        [(0, 1)],
+        [(16, 1)] * 8,
+        [(64, 1)] * 16,
+        [(0, 32)],
+        [(0, 96)],
+        [(0, 24), (0, 20)],
+        [(32, 1)] * 4 + [(0, 64)],
+        [(0, 200)],
+        [(100, 1)] * 3,
+    ]
+    features = [
+        cl.sim.batch_features([RowWork(list(range(16)), c, [1] * n, True) for c, n in shape])
+        for shape in shapes
+    ]
+    truth = CostModel(step_s=0.002, prefill_token_s=1e-4, decode_row_s=5e-4, context_token_s=2e-6)
+    fitted = CostModel.fit(features, [truth(f) for f in features])
+    for shape in shapes:
+        rows = [RowWork(list(range(16)), c, [1] * n, True) for c, n in shape]
+        assert fitted.predict(rows) == pytest.approx(truth.predict(rows), rel=1e-6)
 
 
 def test_calibrate_refuses_bad_grids(tiny) -> None:
