@@ -292,9 +292,9 @@ class Engine(Serving):
         """Submit `requests` lazily: as `submit` would submit each now, but only when the
         engine is about to need it, so they never all exist at once (a 100,000-request run).
 
-        Each item is ``(arrival_time, prompt_token_ids, params, request_id)`` (a workload's
-        `MaterializedRequest` fits, with its text in place of an id: pass ids explicitly
-        when they matter), in non-decreasing arrival order. Before each step the engine
+        Each item is ``(arrival_time, prompt_token_ids, params, request_id)`` (from a
+        workload: ``(r.arrival_time, r.prompt_token_ids, r.params, i)`` for each ``i, r`` of
+        ``enumerate(workload.iter_materialize(model))``), in non-decreasing arrival order. Before each step the engine
         submits every item that has arrived plus the next arrival's group (so an idle engine
         jumps to it as it would with everything submitted); each keeps its own arrival time,
         so a run is identical to submitting every item now, except that a request that can

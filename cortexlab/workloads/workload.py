@@ -195,8 +195,8 @@ class Workload:
         self, model: Model, *, params: SamplingParams | None = None
     ) -> Iterator[MaterializedRequest]:
         """`materialize`, one request at a time (the same requests, in order): a large
-        workload's prompts then need not all exist at once. Bad input raises here, before
-        the first request."""
+        workload's prompts then need not all exist at once. Lengths and `params` are
+        checked here, before the first request; a replayed prompt's text when reached."""
         base = SamplingParams() if params is None else params
         if not isinstance(base, SamplingParams):
             raise ValueError(f"materialize: params must be a SamplingParams or None, got {base!r}")
