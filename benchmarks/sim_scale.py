@@ -118,7 +118,8 @@ def main() -> int:
         f"{args.requests} requests, {args.scheduler}/{args.allocator}, "
         f"max_num_seqs={args.max_num_seqs}, trace={args.trace}, stream={args.stream}"
     )
-    print(f"materialize: {t_materialize:.1f} s (not counted)")
+    made = "setup only; prompts made in the run" if args.stream else "not counted"
+    print(f"materialize: {t_materialize:.1f} s ({made})")
     for finished, seconds, rss, peak in samples:
         print(
             f"  {finished:>7} finished: {seconds:6.1f} s wall, RSS {rss:5.0f} MiB "
