@@ -14,6 +14,7 @@ from cortexlab.hooks import HOOK_POINTS
 from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
+from cortexlab.trace_summary import SummaryTrace
 from cortexlab import metrics, report, viz, workloads
 from cortexlab.experiment import Comparison, compare, compare_allocators, run_workload, sweep
 
@@ -32,6 +33,7 @@ __all__ = [
     "SamplingParams",
     "StallError",
     "StepError",
+    "SummaryTrace",
     "Trace",
     "compare",
     "compare_allocators",

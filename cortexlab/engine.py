@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cortexlab import sim
@@ -232,6 +232,12 @@ class Engine(Serving):
         self._admitted: dict[int, Request] = {}  # by id(): seen by the scheduler, not ended
         self._cancels: set[int] = set()
         self._num_submitted = 0
+        # A lazy source of future arrivals (`feed`): its next item, the time it was given
+        # at (its requests are submitted as if then), the latest arrival it submitted.
+        self._feed: Any = None
+        self._feed_next: Any = None
+        self._feed_since = 0.0
+        self._feed_last = -math.inf
         self._watch = ProgressWatch(timeout=float(stall_timeout))
         self._lock = threading.Lock()
         # Re-entrant: a hook may submit, and submit fails impossible requests under it.
@@ -287,6 +293,50 @@ class Engine(Serving):
         token_ids, text = self._encode(prompt, chat)
         return self._submit(token_ids, params, text, request_id, arrival_time)
 
+    def feed(self, requests: Iterable[tuple]) -> None:
+        """Submit `requests` lazily: as `submit` would submit each now, but only when the
+        engine is about to need it, so they never all exist at once (a 100,000-request run).
+
+        Each item is ``(arrival_time, prompt_token_ids, params, request_id)`` (from a
+        workload: ``(r.arrival_time, r.prompt_token_ids, r.params, i)`` for each ``i, r`` of
+        ``enumerate(workload.iter_materialize(model))``), in non-decreasing arrival order. Before each step the engine
+        submits every item that has arrived plus the next arrival's group (so an idle engine
+        jumps to it as it would with everything submitted); each keeps its own arrival time,
+        so a run is identical to submitting every item now, except that a request that can
+        never run fails when pulled (at that step) rather than now. One feed at a time;
+        `has_unfinished` stays true until it is drained.
+        """
+        if self._feed_next is not None:
+            raise RuntimeError("engine.feed: the previous feed is not drained yet")
+        self._feed = iter(requests)
+        self._feed_since = self.clock.now()
+        self._feed_last = -math.inf
+        self._feed_next = next(self._feed, None)
+        with self._step_lock:
+            self._pull_feed()
+
+    def _pull_feed(self) -> None:
+        """Submit the fed items that have arrived, then the next arrival's whole group."""
+        now = self.clock.now()
+        group = None
+        while (item := self._feed_next) is not None:
+            arrival = float(item[0])
+            if arrival < self._feed_last:
+                self._feed_next = None
+                raise ValueError(
+                    f"engine.feed: arrival times must not decrease, got {arrival} after "
+                    f"{self._feed_last}"
+                )
+            if arrival > now:
+                if group is None and self._feed_last <= now:
+                    group = arrival  # nothing fed is pending: submit the next group
+                if arrival != group:
+                    break
+            token_ids = check_token_ids(item[1], self.model.vocab_size)
+            self._submit(token_ids, item[2], None, item[3], arrival, since=self._feed_since)
+            self._feed_last = arrival
+            self._feed_next = next(self._feed, None)
+
     def _encode(self, prompt: str | Sequence[int], chat: bool) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
             ids = self.model.encode_prompt(prompt, chat=chat)
@@ -300,7 +350,9 @@ class Engine(Serving):
         text: str | None,
         request_id: str | int | None = None,
         arrival_time: float | None = None,
+        since: float | None = None,
     ) -> Request:
+        """`since`: submit as if at that engine time (a feed's), instead of now."""
         if params is not None and not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params is not None:
@@ -313,7 +365,7 @@ class Engine(Serving):
             raise ValueError(f"arrival_time must be a finite float >= 0, got {arrival_time!r}")
         with self._lock:
             request_id = self.requests.claim_id(request_id)
-            now = self.clock.now()
+            now = self.clock.now() if since is None else since
             arrival = now if arrival_time is None else max(float(arrival_time), now)
             request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival)
             reason = why_impossible(request, self.model, self.config, self.allocator)
@@ -355,6 +407,8 @@ class Engine(Serving):
             time.sleep(min(gap, 0.05))
 
     def _admit_arrivals(self) -> None:
+        if self._feed_next is not None:
+            self._pull_feed()
         self._wait_for_arrival()
         now = self.clock.now()
         with self._lock:
@@ -386,7 +440,13 @@ class Engine(Serving):
     @property
     def has_unfinished(self) -> bool:
         """True while any request is queued, waiting or running."""
-        return bool(self._incoming or self._pending or self.state.waiting or self.state.running)
+        return bool(
+            self._incoming
+            or self._pending
+            or self.state.waiting
+            or self.state.running
+            or self._feed_next is not None
+        )
 
     def step(self) -> list[Request]:
         """Run one scheduling + forward + sampling step; returns requests that ended in it.

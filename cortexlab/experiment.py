@@ -30,6 +30,7 @@ from cortexlab.guard import EngineError, policy_name
 from cortexlab.metrics import check_slo
 from cortexlab.models.base import Model
 from cortexlab.trace import Trace
+from cortexlab.trace_summary import SummaryTrace
 from cortexlab.workloads import Workload
 
 import mlx.core as mx
@@ -66,7 +67,7 @@ class Run:
 
     name: str
     config: dict
-    trace: Trace
+    trace: Trace | SummaryTrace
     summary: dict
     wall_seconds: float
     error: str | None = None
@@ -105,6 +106,8 @@ def _fresh(policy: Any) -> Any:
 
 
 BACKENDS = ("engine", "sim")
+# run_workload streams a workload with more requests than this (Engine.feed) by default.
+STREAM_ABOVE = 1000
 
 
 def _backend_clock(backend: str, clock: str | None) -> str:
@@ -130,11 +133,19 @@ def run_workload(
     slo: Mapping[str, float] | None = None,
     name: str | None = None,
     blocks: bool = False,
+    trace: str = "full",
+    stream: bool | None = None,
     **engine_kwargs: Any,
 ) -> Run:
     """Run every request of `workload` at its arrival time on a fresh engine; summarise it.
 
     `blocks=True` records which block each request holds at every step (`Trace(blocks=True)`).
+    `trace="summary"` records a `SummaryTrace` instead of a full `Trace`: the same summary
+    (percentiles within its stated error above 10,000 values) in memory that does not grow
+    with the number of requests. `stream=True` hands the requests to the engine as the clock
+    reaches them (`Engine.feed`) instead of submitting them all first, so they never all
+    exist at once; the run is the same. By default a workload over
+    `STREAM_ABOVE` requests streams.
     `backend="sim"` runs the same policies on the simulated clock, pricing each step with
     `cost_model` (pass it among the engine options; see ``cortexlab/sim.py``); the default
     "engine" runs the model on `clock` (default "measured").
@@ -153,15 +164,35 @@ def run_workload(
         clock=clock,
         **engine_kwargs,
     )
-    trace, error = Trace(blocks=blocks), None
-    requests = workload.materialize(model)
+    recorder: Trace | SummaryTrace
+    if trace == "full":
+        recorder = Trace(blocks=blocks)
+    elif trace == "summary":
+        if blocks:
+            raise ValueError("blocks=True needs trace='full' (a summary keeps no block tables)")
+        recorder = SummaryTrace(slo=slo)
+    else:
+        raise ValueError(f"trace must be 'full' or 'summary', got {trace!r}")
+    if stream is None:
+        stream = len(workload) > STREAM_ABOVE
+    error = None
+    requests = workload.iter_materialize(model)
     t0 = time.perf_counter()
-    with engine.hooks(trace.hooks):
+    with engine.hooks(recorder.hooks):
         start = engine.clock.now()
-        for index, r in enumerate(requests):
-            engine.submit(
-                r.prompt_token_ids, r.params, request_id=index, arrival_time=start + r.arrival_time
+        if stream:
+            engine.feed(
+                (start + r.arrival_time, r.prompt_token_ids, r.params, index)
+                for index, r in enumerate(requests)
             )
+        else:
+            for index, r in enumerate(requests):
+                engine.submit(
+                    r.prompt_token_ids,
+                    r.params,
+                    request_id=index,
+                    arrival_time=start + r.arrival_time,
+                )
         try:
             engine.run_until_done()
         except EngineError as exc:  # the failed requests carry it; the summary counts them
@@ -171,8 +202,8 @@ def run_workload(
     return Run(
         name=name or label(scheduler),
         config=config | engine_kwargs,
-        trace=trace,
-        summary=trace.summary(slo),
+        trace=recorder,
+        summary=recorder.summary(slo),
         wall_seconds=time.perf_counter() - t0,
         error=error,
     )

@@ -317,7 +317,11 @@ def summary_row(
     slo: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """The metrics table flattened to one dict (`ttft_p50`, `throughput_rps`, ...)."""
-    table = metrics_table(requests, steps, token_times, slo=slo)
+    return flatten(metrics_table(requests, steps, token_times, slo=slo))
+
+
+def flatten(table: pd.DataFrame) -> dict[str, float]:
+    """A `metrics_table` as one dict: ``<latency>_<statistic>`` and the run-level scalars."""
     row: dict[str, float] = {}
     for name, stats in table.iterrows():
         if pd.isna(stats["p50"]) and stats["count"] and name not in LATENCIES:

@@ -676,7 +676,14 @@ class RequestTable:
             request_id = int(request_id)
         if request_id in self.active or request_id in self.history:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if isinstance(request_id, int) and request_id >= self._next_id:
+        if isinstance(request_id, int) and request_id == self._next_id:
+            # The counter's own next id: step past it (and any reserved run after it), so
+            # ids 0, 1, 2, ... given in order reserve nothing and the set stays small.
+            self._next_id += 1
+            while self._next_id in self._reserved:
+                self._reserved.discard(self._next_id)
+                self._next_id += 1
+        elif isinstance(request_id, int) and request_id > self._next_id:
             self._reserved.add(request_id)
         return request_id
 

@@ -189,6 +189,14 @@ class Workload:
         the workload seed and the request's index. Generated prompts are corpus text starting
         at a seeded word; requests get distinct starting words while the corpus has enough.
         """
+        return list(self.iter_materialize(model, params=params))
+
+    def iter_materialize(
+        self, model: Model, *, params: SamplingParams | None = None
+    ) -> Iterator[MaterializedRequest]:
+        """`materialize`, one request at a time (the same requests, in order): a large
+        workload's prompts then need not all exist at once. Lengths and `params` are
+        checked here, before the first request; a replayed prompt's text when reached."""
         base = SamplingParams() if params is None else params
         if not isinstance(base, SamplingParams):
             raise ValueError(f"materialize: params must be a SamplingParams or None, got {base!r}")
@@ -209,7 +217,12 @@ class Workload:
             system_ids = (
                 corpus.cut(tokenizer, 0, self.system_prompt_len) if self.system_prompt_len else []
             )
-        out = []
+        return self._bind(model, base, corpus, starts, system_ids)
+
+    def _bind(
+        self, model: Model, base: SamplingParams, corpus: Any, starts: dict, system_ids: list
+    ) -> Iterator[MaterializedRequest]:
+        tokenizer = model.tokenizer
         for r in self.requests:
             if isinstance(r.prompt, tuple):
                 ids, text = list(r.prompt), None
@@ -240,8 +253,7 @@ class Workload:
                 priority=r.priority,
                 seed=request_seed(self.seed, r.index),
             )
-            out.append(MaterializedRequest(r.arrival_time, ids, sampling, text))
-        return out
+            yield MaterializedRequest(r.arrival_time, ids, sampling, text)
 
     # -- display ------------------------------------------------------------------------
     def __repr__(self) -> str:
