@@ -8,15 +8,16 @@ their requests to end and raise the error that ended them.
 from __future__ import annotations
 
 import atexit
+import math
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cortexlab.guard import EngineError
-from cortexlab.request import Request, SamplingParams
+from cortexlab.request import Request, SamplingParams, check_token_ids
 from cortexlab.trace import request_metrics
 
 import mlx.core as mx
@@ -78,6 +79,50 @@ def _shutdown() -> None:
 
 class Serving:
     """The ways to drive an engine's `step()`: foreground loops and a background thread."""
+
+    def feed(self, requests: Iterable[tuple]) -> None:
+        """Submit `requests` lazily: as `submit` would submit each now, but only when the
+        engine is about to need it, so they never all exist at once (a 100,000-request run).
+
+        Each item is ``(arrival_time, prompt_token_ids, params, request_id)`` (from a
+        workload: ``(r.arrival_time, r.prompt_token_ids, r.params, i)`` for each ``i, r`` of
+        ``enumerate(workload.iter_materialize(model))``), in non-decreasing arrival order. Before each step the engine
+        submits every item that has arrived plus the next arrival's group (so an idle engine
+        jumps to it as it would with everything submitted); each keeps its own arrival time,
+        so a run is identical to submitting every item now, except that a request that can
+        never run fails when pulled (at that step) rather than now. One feed at a time;
+        `has_unfinished` stays true until it is drained.
+        """
+        if self._feed_next is not None:
+            raise RuntimeError("engine.feed: the previous feed is not drained yet")
+        self._feed = iter(requests)
+        self._feed_since = self.clock.now()
+        self._feed_last = -math.inf
+        self._feed_next = next(self._feed, None)
+        with self._step_lock:
+            self._pull_feed()
+
+    def _pull_feed(self) -> None:
+        """Submit the fed items that have arrived, then the next arrival's whole group."""
+        now = self.clock.now()
+        group = None
+        while (item := self._feed_next) is not None:
+            arrival = float(item[0])
+            if arrival < self._feed_last:
+                self._feed_next = None
+                raise ValueError(
+                    f"engine.feed: arrival times must not decrease, got {arrival} after "
+                    f"{self._feed_last}"
+                )
+            if arrival > now:
+                if group is None and self._feed_last <= now:
+                    group = arrival  # nothing fed is pending: submit the next group
+                if arrival != group:
+                    break
+            token_ids = check_token_ids(item[1], self.model.vocab_size)
+            self._submit(token_ids, item[2], None, item[3], arrival, since=self._feed_since)
+            self._feed_last = arrival
+            self._feed_next = next(self._feed, None)
 
     def run_until_done(self, *, max_steps: int | None = None) -> None:
         """Step until every submitted request has ended (or `max_steps` steps ran).
