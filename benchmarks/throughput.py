@@ -7,7 +7,9 @@ Four measurements on fixed, seeded workloads (greedy, EOS ignored, same batch li
 2. decode-only: short prompts, long outputs, timing only the steps with no prefill work;
 3. prefill-only: long prompts, max_tokens=1, prompt tokens/s;
 4. engine overhead per step on `tiny-random`, where the model is nearly free, so what is left
-   is the engine's own host-side work.
+   is the engine's own host-side work;
+5. per context (64 / 400 / 1,500 tokens): prefill of one prompt and a batch-16 decode step
+   through the engine against a bare mlx-lm forward of the same tokens, interleaved, best of N.
 
     python benchmarks/throughput.py [--quick] [--json PATH] [--repeats N] [--profile]
 
@@ -67,10 +69,33 @@ class Sizes:
     tiny_requests: int = 32
     tiny_prompt: int = 8
     tiny_tokens: int = 64
+    ctx_contexts: tuple[int, ...] = (64, 400, 1500)
+    ctx_batch: int = 16
+    ctx_decode_steps: int = 16  # timed decode steps per run at contexts below 1,000
+    ctx_long_decode_steps: int = 4  # ... and at 1,000 or more, where each run costs far more
+    ctx_prefill_repeats: int = 5
+    ctx_decode_repeats: int = 3
 
 
 FULL = Sizes()
-QUICK = Sizes(8, (32, 160), (8, 24), 8, 32, 16, 4, 200, 16, 8, 16)
+QUICK = Sizes(
+    8,
+    (32, 160),
+    (8, 24),
+    8,
+    32,
+    16,
+    4,
+    200,
+    16,
+    8,
+    16,
+    ctx_contexts=(64, 400),
+    ctx_decode_steps=8,
+    ctx_long_decode_steps=4,
+    ctx_prefill_repeats=3,
+    ctx_decode_repeats=2,
+)
 
 
 @dataclass
@@ -290,12 +315,25 @@ def instrumented(engine: cl.Engine):
         del engine.sampler.sample
 
 
-def bare_decode_step(module, batch: int, prompt: int, steps: int) -> float:
+def bare_decode_step(
+    module, batch: int, prompt: int, steps: int, tokens: list[list[int]] | None = None
+) -> float:
     """Seconds per synchronous greedy decode step of a plain mlx-lm KVCache batch, over the
-    same contexts as the engine's decode steps (`prompt` tokens, then `steps` more)."""
+    same contexts as the engine's decode steps (`prompt` tokens, then `steps` more).
+
+    `tokens` ([batch][prompt], equal lengths) replaces the default random prompts; it is then
+    prefilled in chunks of at most MAX_NUM_BATCHED_TOKENS tokens in all (untimed)."""
     cache = make_prompt_cache(module)
-    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (batch, prompt), dtype=np.int32))
-    y = mx.argmax(module(tokens, cache=cache)[:, -1], axis=-1)
+    if tokens is None:
+        tokens = np.random.default_rng(3).integers(0, 256, (batch, prompt), dtype=np.int32)
+        y = mx.argmax(module(mx.array(tokens), cache=cache)[:, -1], axis=-1)
+    else:
+        arr = mx.array(np.asarray(tokens, dtype=np.int32))
+        width = max(1, MAX_NUM_BATCHED_TOKENS // batch)
+        for start in range(0, prompt, width):
+            logits = module(arr[:, start : start + width], cache=cache)
+            mx.eval(logits, [c.state for c in cache])
+        y = mx.argmax(logits[:, -1], axis=-1)
     mx.eval(y)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -364,6 +402,97 @@ def engine_overhead(sizes: Sizes, repeats: int, profile: bool) -> dict:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(18)
         out["profile"] = buf.getvalue()
+    return out
+
+
+# -- prefill and decode per context against a bare mlx-lm forward ----------------------------
+def context_prompts(model, rng: np.random.Generator, n: int, length: int) -> list[list[int]]:
+    """`n` prompts of exactly `length` token ids (drawn from the model's vocabulary)."""
+    high = min(int(model.vocab_size), 32000)
+    return rng.integers(100, high, (n, length)).tolist()
+
+
+def engine_prefill(model, prompt: list[int]) -> float:
+    """Seconds of the steps that process one prompt (max_tokens=1) on a fresh engine."""
+    engine = make_engine(model)
+    times, _ = drive(engine, [prompt], [1])
+    return float(sum(times))
+
+
+def bare_prefill(module, prompt: list[int]) -> float:
+    """Seconds for mlx-lm's usual prefill: the prompt in prefill_step_size chunks through a
+    fresh make_prompt_cache, each chunk evaluated, then the last position's greedy token."""
+    cache = make_prompt_cache(module)
+    tokens = mx.array(prompt, dtype=mx.int32)[None]
+    t0 = time.perf_counter()
+    for start in range(0, len(prompt), MAX_NUM_BATCHED_TOKENS):
+        logits = module(tokens[:, start : start + MAX_NUM_BATCHED_TOKENS], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    y = mx.argmax(logits[:, -1], axis=-1)
+    y.item()
+    return time.perf_counter() - t0
+
+
+def engine_decode(engine: cl.Engine, prompts: list[list[int]], steps: int) -> tuple[float, int]:
+    """Mean seconds per engine step taken once every prompt is prefilled, and their count."""
+    times, flags = drive(engine, prompts, [steps + 1] * len(prompts))
+    decode = [t for t, d in zip(times, flags, strict=True) if d]
+    return float(np.mean(decode)), len(decode)
+
+
+def per_context(model, sizes: Sizes, repeats: int) -> dict:
+    """Engine vs bare mlx-lm per context, the two sides interleaved in each repeat."""
+    module, batch = model.module, sizes.ctx_batch
+    # Room for every request's whole context, so no decode step is ever a preemption.
+    longest = max(sizes.ctx_contexts) + max(sizes.ctx_decode_steps, sizes.ctx_long_decode_steps)
+    kv_bytes = max(1 << 30, 2 * batch * longest * model.kv_bytes_per_token)
+    decoder = cl.Engine(
+        model,
+        scheduler="fcfs",
+        allocator="paged",
+        block_size=BLOCK_SIZE,
+        kv_memory_bytes=kv_bytes,
+        max_num_seqs=MAX_NUM_SEQS,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+    )
+    rng = np.random.default_rng(5)
+    warm = context_prompts(model, rng, 1, 32)[0]
+    engine_prefill(model, warm)  # warm-up, both sides
+    bare_prefill(module, warm)
+    out: dict = {"batch": batch, "prefill": [], "decode": []}
+    for ctx in sizes.ctx_contexts:
+        prompt = context_prompts(model, rng, 1, ctx)[0]
+        eng, bare = [], []
+        for _ in range(max(repeats, sizes.ctx_prefill_repeats)):
+            eng.append(engine_prefill(model, prompt))
+            bare.append(bare_prefill(module, prompt))
+        out["prefill"].append(
+            {
+                "context": ctx,
+                "engine_ms": 1e3 * min(eng),
+                "bare_ms": 1e3 * min(bare),
+                "ratio": ratio(min(eng), min(bare)),
+                "repeats": len(eng),
+            }
+        )
+    for ctx in sizes.ctx_contexts:
+        steps = sizes.ctx_decode_steps if ctx < 1000 else sizes.ctx_long_decode_steps
+        prompts = context_prompts(model, rng, batch, ctx)
+        eng, bare, num_steps = [], [], 0
+        for _ in range(max(repeats, sizes.ctx_decode_repeats)):
+            t, num_steps = engine_decode(decoder, prompts, steps)
+            eng.append(t)
+            bare.append(bare_decode_step(module, batch, ctx, steps, tokens=prompts))
+        out["decode"].append(
+            {
+                "context": ctx,
+                "engine_ms": 1e3 * min(eng),
+                "bare_ms": 1e3 * min(bare),
+                "ratio": ratio(min(eng), min(bare)),
+                "timed_steps": num_steps,
+                "repeats": len(eng),
+            }
+        )
     return out
 
 
@@ -589,6 +718,24 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncProfile of one tiny-random engine run (by own time):")
         print(ov["profile"])
     results["engine_overhead"] = ov
+
+    # 5. Prefill and decode per context against a bare mlx-lm forward of the same batch.
+    pc = per_context(model, sizes, repeats)
+    print(
+        "\n5. per context vs bare mlx-lm, interleaved, best of N: prefill = one prompt "
+        "(max_tokens=1) on a fresh engine vs module forward in prefill_step_size chunks + "
+        f"argmax; decode = ms per step of a batch of {pc['batch']} at that context, after "
+        "all prefilled, vs a KVCache batch forward + argmax + sync"
+    )
+    for kind in ("prefill", "decode"):
+        rows = [["context", f"{kind}: engine ms", "bare ms", "engine/bare", "runs"]]
+        for r in pc[kind]:
+            label = f"{r['context']:,}"
+            if kind == "decode":
+                label += f" ({r['timed_steps']} steps)"
+            rows.append([label, r["engine_ms"], r["bare_ms"], f"{r['ratio']:.2f}x", r["repeats"]])
+        print(table(rows))
+    results["per_context"] = pc
 
     if args.json:
         with open(args.json, "w") as f:
