@@ -72,9 +72,9 @@ class Sizes:
     ctx_contexts: tuple[int, ...] = (64, 400, 1500)
     ctx_batch: int = 16
     ctx_decode_steps: int = 16  # timed decode steps per run at contexts below 1,000
-    ctx_long_decode_steps: int = 4  # ... and at 1,000 or more, where each run costs far more
+    ctx_long_decode_steps: int = 8  # ... and at 1,000 or more, where each step costs more
     ctx_prefill_repeats: int = 5
-    ctx_decode_repeats: int = 3
+    ctx_decode_repeats: int = 3  # windows of decode steps after one prefill per side
 
 
 FULL = Sizes()
@@ -315,25 +315,12 @@ def instrumented(engine: cl.Engine):
         del engine.sampler.sample
 
 
-def bare_decode_step(
-    module, batch: int, prompt: int, steps: int, tokens: list[list[int]] | None = None
-) -> float:
+def bare_decode_step(module, batch: int, prompt: int, steps: int) -> float:
     """Seconds per synchronous greedy decode step of a plain mlx-lm KVCache batch, over the
-    same contexts as the engine's decode steps (`prompt` tokens, then `steps` more).
-
-    `tokens` ([batch][prompt], equal lengths) replaces the default random prompts; it is then
-    prefilled in chunks of at most MAX_NUM_BATCHED_TOKENS tokens in all (untimed)."""
+    same contexts as the engine's decode steps (`prompt` tokens, then `steps` more)."""
     cache = make_prompt_cache(module)
-    if tokens is None:
-        tokens = np.random.default_rng(3).integers(0, 256, (batch, prompt), dtype=np.int32)
-        y = mx.argmax(module(mx.array(tokens), cache=cache)[:, -1], axis=-1)
-    else:
-        arr = mx.array(np.asarray(tokens, dtype=np.int32))
-        width = max(1, MAX_NUM_BATCHED_TOKENS // batch)
-        for start in range(0, prompt, width):
-            logits = module(arr[:, start : start + width], cache=cache)
-            mx.eval(logits, [c.state for c in cache])
-        y = mx.argmax(logits[:, -1], axis=-1)
+    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (batch, prompt), dtype=np.int32))
+    y = mx.argmax(module(tokens, cache=cache)[:, -1], axis=-1)
     mx.eval(y)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -433,18 +420,47 @@ def bare_prefill(module, prompt: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def engine_decode(engine: cl.Engine, prompts: list[list[int]], steps: int) -> tuple[float, int]:
-    """Mean seconds per engine step taken once every prompt is prefilled, and their count."""
-    times, flags = drive(engine, prompts, [steps + 1] * len(prompts))
-    decode = [t for t, d in zip(times, flags, strict=True) if d]
-    return float(np.mean(decode)), len(decode)
+def interleaved_decode(
+    engine: cl.Engine, module, prompts: list[list[int]], steps: int, windows: int
+) -> tuple[list[float], list[float]]:
+    """Prefill `prompts` once on each side (untimed), then alternate `windows` windows of
+    `steps` decode steps: engine.step() vs bare KVCache forward + argmax + sync. Mean seconds
+    per step of each window, per side; window w runs at contexts len + w*steps on both."""
+    batch, length = len(prompts), len(prompts[0])
+    params = cl.SamplingParams(max_tokens=1 + steps * windows, ignore_eos=True)
+    requests = [engine.submit(p, params) for p in prompts]
+    while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in requests):
+        engine.step()
+    cache = make_prompt_cache(module)
+    arr = mx.array(np.asarray(prompts, dtype=np.int32))
+    width = max(1, MAX_NUM_BATCHED_TOKENS // batch)  # the engine's token budget per forward
+    for start in range(0, length, width):
+        logits = module(arr[:, start : start + width], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    y = mx.argmax(logits[:, -1], axis=-1)
+    mx.eval(y)
+    eng, bare = [], []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        eng.append((time.perf_counter() - t0) / steps)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            y = mx.argmax(module(y[:, None], cache=cache)[:, -1], axis=-1)
+            mx.eval(y)
+            y.tolist()  # the engine also brings each step's tokens to Python
+        bare.append((time.perf_counter() - t0) / steps)
+    engine.run_until_done()
+    return eng, bare
 
 
 def per_context(model, sizes: Sizes, repeats: int) -> dict:
     """Engine vs bare mlx-lm per context, the two sides interleaved in each repeat."""
     module, batch = model.module, sizes.ctx_batch
     # Room for every request's whole context, so no decode step is ever a preemption.
-    longest = max(sizes.ctx_contexts) + max(sizes.ctx_decode_steps, sizes.ctx_long_decode_steps)
+    most_steps = max(sizes.ctx_decode_steps, sizes.ctx_long_decode_steps)
+    longest = max(sizes.ctx_contexts) + 1 + most_steps * max(repeats, sizes.ctx_decode_repeats)
     kv_bytes = max(1 << 30, 2 * batch * longest * model.kv_bytes_per_token)
     decoder = cl.Engine(
         model,
@@ -476,21 +492,20 @@ def per_context(model, sizes: Sizes, repeats: int) -> dict:
             }
         )
     for ctx in sizes.ctx_contexts:
+        # Prefill dominates a long context's cost, so each side prefills once and the repeats
+        # are windows of decode steps, alternating engine and bare.
         steps = sizes.ctx_decode_steps if ctx < 1000 else sizes.ctx_long_decode_steps
+        windows = max(repeats, sizes.ctx_decode_repeats)
         prompts = context_prompts(model, rng, batch, ctx)
-        eng, bare, num_steps = [], [], 0
-        for _ in range(max(repeats, sizes.ctx_decode_repeats)):
-            t, num_steps = engine_decode(decoder, prompts, steps)
-            eng.append(t)
-            bare.append(bare_decode_step(module, batch, ctx, steps, tokens=prompts))
+        eng, bare = interleaved_decode(decoder, module, prompts, steps, windows)
         out["decode"].append(
             {
                 "context": ctx,
                 "engine_ms": 1e3 * min(eng),
                 "bare_ms": 1e3 * min(bare),
                 "ratio": ratio(min(eng), min(bare)),
-                "timed_steps": num_steps,
-                "repeats": len(eng),
+                "timed_steps": steps,
+                "repeats": windows,
             }
         )
     return out
@@ -725,14 +740,15 @@ def main(argv: list[str] | None = None) -> int:
         "\n5. per context vs bare mlx-lm, interleaved, best of N: prefill = one prompt "
         "(max_tokens=1) on a fresh engine vs module forward in prefill_step_size chunks + "
         f"argmax; decode = ms per step of a batch of {pc['batch']} at that context, after "
-        "all prefilled, vs a KVCache batch forward + argmax + sync"
+        "both sides prefilled it once, in alternating windows of steps, vs a KVCache batch "
+        "forward + argmax + sync"
     )
     for kind in ("prefill", "decode"):
         rows = [["context", f"{kind}: engine ms", "bare ms", "engine/bare", "runs"]]
         for r in pc[kind]:
             label = f"{r['context']:,}"
             if kind == "decode":
-                label += f" ({r['timed_steps']} steps)"
+                label += f" ({r['timed_steps']} steps x {r['repeats']})"
             rows.append([label, r["engine_ms"], r["bare_ms"], f"{r['ratio']:.2f}x", r["repeats"]])
         print(table(rows))
     results["per_context"] = pc
