@@ -263,6 +263,34 @@ class Comparison:
         return shown.to_html(float_format=lambda v: f"{v:.4g}")
 
 
+def _run_each(
+    model: Model,
+    workload: Workload,
+    kind: str,
+    policies: Sequence[Any] | Mapping[str, Any],
+    *,
+    desc: str,
+    progress: bool,
+    **run_kwargs: Any,
+) -> Comparison:
+    """One `run_workload` per policy, passed as `kind` ("scheduler" or "allocator")."""
+    if isinstance(policies, Mapping):
+        names, policies = [str(n) for n in policies], list(policies.values())
+    else:
+        names = [label(p) for p in policies]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"{kind}s must have distinct names, got {names}; pass a dict "
+            f"{{name: {kind}}} to name them"
+        )
+    runs = {}
+    for name, policy in tqdm(
+        list(zip(names, policies, strict=True)), desc=desc, disable=not progress or None
+    ):
+        runs[name] = run_workload(model, workload, name=name, **{kind: policy}, **run_kwargs)
+    return Comparison(runs, check_slo(run_kwargs.get("slo")))
+
+
 def compare(
     model: Model,
     workload: Workload,
@@ -281,35 +309,19 @@ def compare(
     `backend="sim"` (with ``cost_model=...``) simulates each run instead (`run_workload`).
     """
     _backend_clock(backend, clock)  # a bad backend fails before the first run
-    if isinstance(schedulers, Mapping):
-        names, schedulers = [str(n) for n in schedulers], list(schedulers.values())
-    else:
-        names = [label(s) for s in schedulers]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            f"schedulers must have distinct names, got {names}; pass a dict "
-            f"{{name: scheduler}} to name them"
-        )
-    runs = {}
-    for name, scheduler in tqdm(
-        list(zip(names, schedulers, strict=True)), desc="compare", disable=not progress or None
-    ):
-        runs[name] = run_workload(
-            model,
-            workload,
-            scheduler=scheduler,
-            allocator=allocator,
-            clock=clock,
-            backend=backend,
-            slo=slo,
-            name=name,
-            **engine_kwargs,
-        )
-    return Comparison(runs, check_slo(slo))
-
-
-# Deep enough for a policy holding a predictor holding its parameters; cycles stop here.
-MAX_FINGERPRINT_DEPTH = 6
+    return _run_each(
+        model,
+        workload,
+        "scheduler",
+        schedulers,
+        desc="compare",
+        progress=progress,
+        allocator=allocator,
+        slo=slo,
+        clock=clock,
+        backend=backend,
+        **engine_kwargs,
+    )
 
 
 def compare_allocators(
@@ -332,29 +344,24 @@ def compare_allocators(
     each run's block tables for `cl.viz.plot_block_map`. `backend="sim"` as in `compare`.
     """
     _backend_clock(backend, clock)
-    if isinstance(allocators, Mapping):
-        names, allocators = [str(n) for n in allocators], list(allocators.values())
-    else:
-        names = [label(a) for a in allocators]
-    if len(set(names)) != len(names):
-        raise ValueError(f"allocators must have distinct names, got {names}; pass a dict")
-    runs = {}
-    for name, allocator in tqdm(
-        list(zip(names, allocators, strict=True)), desc="allocators", disable=not progress or None
-    ):
-        runs[name] = run_workload(
-            model,
-            workload,
-            scheduler=scheduler,
-            allocator=allocator,
-            clock=clock,
-            backend=backend,
-            slo=slo,
-            name=name,
-            blocks=blocks,
-            **engine_kwargs,
-        )
-    return Comparison(runs, check_slo(slo))
+    return _run_each(
+        model,
+        workload,
+        "allocator",
+        allocators,
+        desc="allocators",
+        progress=progress,
+        scheduler=scheduler,
+        slo=slo,
+        clock=clock,
+        backend=backend,
+        blocks=blocks,
+        **engine_kwargs,
+    )
+
+
+# Deep enough for a policy holding a predictor holding its parameters; cycles stop here.
+MAX_FINGERPRINT_DEPTH = 6
 
 
 def _digest(text: str | bytes) -> str:
