@@ -415,8 +415,8 @@ class BlockAllocator(ABC):
         held = self._tables[seq.request_id]
         return num_needed == 0 or self._can_grow(seq, held, num_needed)
 
-    def append(self, seq: KVSequence, num_tokens: int) -> None:
-        """Grow `seq` to cover positions [0, num_tokens) in total (a new total, not a delta)."""
+    def _table_for_append(self, seq: KVSequence, num_tokens: int) -> list[int]:
+        """`seq`'s block table, once `num_tokens` is checked to be a valid new total."""
         rid = seq.request_id
         held = self._tables.get(rid)
         # Fast path (a decode step calls this once per sequence): the full checks only run
@@ -427,6 +427,12 @@ class BlockAllocator(ABC):
             or not self._num_tokens[rid] <= num_tokens <= seq.max_num_tokens
         ):
             self._check_append(seq, num_tokens)
+        return held
+
+    def append(self, seq: KVSequence, num_tokens: int) -> None:
+        """Grow `seq` to cover positions [0, num_tokens) in total (a new total, not a delta)."""
+        rid = seq.request_id
+        held = self._table_for_append(seq, num_tokens)
         num_needed = -(-num_tokens // self.block_size) - len(held)
         if num_needed > 0:
             if not self._can_grow(seq, held, num_needed):

@@ -253,17 +253,8 @@ class PrefixAllocator(PagedAllocator):
 
     def _plan_append(self, seq: KVSequence, num_tokens: int) -> tuple[list[int], list[int], int]:
         """(seq's table, indices `_copy_on_write` must handle, blocks the pool must give)."""
-        rid = seq.request_id
-        table = self._tables.get(rid)
-        # Fast path (a decode step calls this once per sequence): the full checks only run
-        # when something looks wrong, so they still name the bad argument.
-        if (
-            table is None
-            or type(num_tokens) is not int
-            or not self._num_tokens[rid] <= num_tokens <= seq.max_num_tokens
-        ):
-            self._check_append(seq, num_tokens)
-        start, bs = self._num_tokens[rid], self.block_size
+        table = self._table_for_append(seq, num_tokens)
+        start, bs = self._num_tokens[seq.request_id], self.block_size
         num_needed = -(-num_tokens // bs) - len(table)
         # A table holds exactly ceil(tokens / bs) blocks, so the new positions fall in held
         # block start // bs at most: the partly full last one, mostly ours alone and uncached.
