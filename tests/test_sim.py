@@ -231,21 +231,24 @@ def test_cost_model_files_round_trip_and_bad_ones_are_refused(tiny, tmp_path) ->
 
 
 # -- calibration ----------------------------------------------------------------------------
+# Batch shapes as (cached tokens, new tokens) per row: decode, prefill and mixed steps.
+GRID = [
+    [(0, 1)],
+    [(16, 1)] * 8,
+    [(64, 1)] * 16,
+    [(0, 32)],
+    [(0, 96)],
+    [(0, 24), (0, 20)],
+    [(32, 1)] * 4 + [(0, 64)],
+]
+
+
 def test_calibrate_fits_the_real_runner(tiny, tmp_path) -> None:
-    grid = [
-        [(0, 1)],
-        [(16, 1)] * 8,
-        [(64, 1)] * 16,
-        [(0, 32)],
-        [(0, 96)],
-        [(0, 24), (0, 20)],
-        [(32, 1)] * 4 + [(0, 64)],
-    ]
-    cm = cl.sim.calibrate(tiny, grid=grid, repeats=2)
+    cm = cl.sim.calibrate(tiny, grid=GRID, repeats=2)
     assert all(v >= 0 for v in cm.coefficients.values())
     assert sum(cm.coefficients.values()) > 0
     assert cm.model == cl.sim.model_identity(tiny)
-    assert cm.info["num_points"] == len(grid)
+    assert cm.info["num_points"] == len(GRID)
     assert all(d > 0 for d in cm.info["durations"])
     assert CostModel.load(cm.save(tmp_path / "tiny.json"), tiny) == cm
     # How well it fits is a benchmark question (timings on a shared CPU are noisy); the
@@ -253,17 +256,7 @@ def test_calibrate_fits_the_real_runner(tiny, tmp_path) -> None:
 
 
 def test_fit_recovers_known_coefficients() -> None:
-    shapes = [
-        [(0, 1)],
-        [(16, 1)] * 8,
-        [(64, 1)] * 16,
-        [(0, 32)],
-        [(0, 96)],
-        [(0, 24), (0, 20)],
-        [(32, 1)] * 4 + [(0, 64)],
-        [(0, 200)],
-        [(100, 1)] * 3,
-    ]
+    shapes = [*GRID, [(0, 200)], [(100, 1)] * 3]
     features = [
         cl.sim.batch_features([RowWork(list(range(16)), c, [1] * n, True) for c, n in shape])
         for shape in shapes
