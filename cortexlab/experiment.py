@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cortexlab import executors
 from cortexlab.engine import Engine
 from cortexlab.guard import EngineError, policy_name
 from cortexlab.metrics import check_slo
@@ -481,14 +482,43 @@ def sweep(
     slo: Mapping[str, float] | None = None,
     cache_dir: str | Path | None = "results/.cache",
     progress: bool = True,
+    executor: Any = "auto",
+    max_workers: int | None = None,
     **engine_kwargs: Any,
 ) -> pd.DataFrame:
     """One row per scheduler x rate x allocator x seed with its summary; cached on disk.
 
     `workload` is a Workload (rates rescale its arrivals with `with_rate`; only seed 0, its
-    own) or a function ``f(rate=..., seed=...) -> Workload``.
+    own) or a function ``f(rate=..., seed=...) -> Workload`` (called here, in this process).
+
+    Each configuration's summary is cached in `cache_dir` under `config_hash` of everything
+    that determines it; cached configurations are not run again, so an interrupted sweep
+    resumes, with any executor: all of them read and write the same keys (workers return
+    summaries, this process writes the files, so Ray nodes need no shared disk).
+
+    `executor` says where the missing configurations run (see `cortexlab.executors`):
+    "serial" (here, one after another), "process" (a pool of spawned local processes),
+    "ray" (Ray tasks: an initialised Ray as it is, else ``ray.init()``; needs
+    ``pip install 'cortexlab[ray]'``), or a `concurrent.futures.Executor`. The default,
+    "auto", runs measured-clock sweeps (backend="engine") here: concurrent runs on shared
+    cores would corrupt each other's timings. A backend="sim" sweep moves to processes
+    only when its first configuration shows that the rest would take more than
+    `cortexlab.executors.AUTO_MIN_SERIAL_SECONDS` here and there are 2+ CPUs; otherwise it
+    stays here, so small sweeps do not pay the workers' start-up. `max_workers` caps the
+    configurations running at once: default every CPU for backend="sim" (all of Ray's for
+    "ray") and 1 for measured clocks (more warns, for the reason above).
+
+    Rows, their order and columns are the same whatever the executor; a simulated sweep's
+    values are equal too (it is deterministic), a measured one's differ as timings do.
+    Workers rebuild the model from its source and check its weights; a model they cannot
+    rebuild (one made in a notebook cell) needs executor="serial". A configuration that
+    raises stops the sweep: no new one starts, those running finish and are cached, and
+    the exception (its own type) is raised with a note naming the configuration. Runs in
+    which requests fail (an `EngineError`) are results, as in `run_workload`: their
+    summary counts the failures.
     """
     slo = check_slo(slo)
+    executors.check(executor, max_workers)
     if isinstance(workload, Workload) and tuple(seeds) != (0,):
         raise ValueError(
             f"sweep: seeds={list(seeds)} needs `workload` given as a function "
@@ -496,9 +526,12 @@ def sweep(
             f"({workload.seed})"
         )
     cache = Path(cache_dir) if cache_dir is not None else None
-    rows = []
     grid = list(itertools.product(schedulers, rates, allocators, seeds))
-    for scheduler, rate, allocator, seed in tqdm(grid, desc="sweep", disable=not progress or None):
+    rows: list[dict] = []
+    summaries: list[dict[str, float] | None] = []
+    jobs: list[executors.Job] = []
+    spec = functools.cache(lambda: executors.model_spec(model))  # once, only if it travels
+    for index, (scheduler, rate, allocator, seed) in enumerate(grid):
         if isinstance(workload, Workload):
             wl = workload if rate is None else workload.with_rate(rate)
         else:
@@ -512,26 +545,71 @@ def sweep(
             **engine_kwargs,
         }
         key = config_hash(config)
-        path = cache / f"{key}.json" if cache is not None else None
-        summary = _read_summary(path) if path is not None else None
-        if summary is None:
-            result = run_workload(
-                model, wl, scheduler=scheduler, allocator=allocator, slo=slo, **engine_kwargs
+        row = {
+            "scheduler": label(scheduler),
+            "rate": rate if rate is not None else wl.rate,
+            "allocator": label(allocator),
+            "seed": wl.seed if isinstance(workload, Workload) else seed,
+            "config": key,
+        }
+        rows.append(row)
+        summaries.append(_read_summary(cache / f"{key}.json") if cache is not None else None)
+        if summaries[-1] is None:
+            kwargs = dict(scheduler=scheduler, allocator=allocator, slo=slo, **engine_kwargs)
+            jobs.append(
+                executors.Job(
+                    index=index,
+                    describe=", ".join(f"{k}={v!r}" for k, v in row.items()),
+                    # run_workload looked up at call time (tests replace it).
+                    run_here=functools.partial(_run_summary, model, wl, kwargs),
+                    task=functools.partial(_task, spec, wl, kwargs, scheduler, allocator),
+                )
             )
-            summary = {k: float(v) for k, v in result.summary.items()}
-            if path is not None:
-                _write_summary(path, summary)
-        rows.append(
-            {
-                "scheduler": label(scheduler),
-                "rate": rate if rate is not None else wl.rate,
-                "allocator": label(allocator),
-                "seed": wl.seed if isinstance(workload, Workload) else seed,
-                "config": key,
-                **summary,
-            }
+    bar = tqdm(total=len(grid), desc="sweep", disable=not progress or None)
+    bar.update(len(grid) - len(jobs))
+
+    def done(job: executors.Job, summary: dict[str, float]) -> None:
+        summaries[job.index] = summary
+        if cache is not None:
+            _write_summary(cache / f"{rows[job.index]['config']}.json", summary)
+        bar.update(1)
+
+    try:
+        executors.run_jobs(
+            jobs,
+            done,
+            executor=executor,
+            max_workers=max_workers,
+            is_measured=not (
+                engine_kwargs.get("backend") == "sim" or engine_kwargs.get("clock") == "simulated"
+            ),
         )
-    return pd.DataFrame(rows)
+    finally:
+        bar.close()
+    return pd.DataFrame([row | summary for row, summary in zip(rows, summaries, strict=True)])
+
+
+def _run_summary(model: Model, wl: Workload, kwargs: dict) -> dict[str, float]:
+    return executors.summarize(run_workload(model, wl, **kwargs))
+
+
+def _task(
+    spec: Callable[[], executors.ModelSpec],
+    wl: Workload,
+    kwargs: dict,
+    scheduler: Any,
+    allocator: Any,
+) -> executors.Task:
+    kwargs = dict(kwargs)
+    return executors.Task(
+        model=spec(),
+        workload=wl,
+        scheduler=kwargs.pop("scheduler"),
+        allocator=kwargs.pop("allocator"),
+        slo=kwargs.pop("slo"),
+        engine_kwargs=kwargs,
+        registered=executors.registered_elsewhere(scheduler, allocator),
+    )
 
 
 def _write_summary(path: Path, summary: Mapping[str, float]) -> None:
