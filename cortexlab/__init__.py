@@ -15,7 +15,7 @@ from cortexlab.models import Model, load_model
 from cortexlab.request import FinishReason, Request, RequestState, SamplingParams
 from cortexlab.trace import Trace
 from cortexlab.trace_summary import SummaryTrace
-from cortexlab import metrics, report, viz, workloads
+from cortexlab import executors, metrics, report, viz, workloads
 from cortexlab.experiment import Comparison, compare, compare_allocators, run_workload, sweep
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Trace",
     "compare",
     "compare_allocators",
+    "executors",
     "info",
     "guard",
     "kv",

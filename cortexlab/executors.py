@@ -15,7 +15,9 @@
 - any object with ``submit(fn, *args) -> concurrent.futures.Future`` (a
   `concurrent.futures.Executor`, e.g. a pool you keep warm across sweeps); sweep neither
   configures nor shuts it down.
-- ``"auto"`` (the default): see `choose`.
+- ``"auto"`` (the default): measured-clock sweeps here (runs side by side would corrupt
+  each other's timings); a ``backend="sim"`` sweep in processes once its first
+  configuration shows the rest would take more than `AUTO_MIN_SERIAL_SECONDS` here.
 
 Workers never receive the model object (MLX modules do not pickle, and shipping weights
 would cost more than loading them): they get a `ModelSpec` (its source, quantisation,
