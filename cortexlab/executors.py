@@ -233,11 +233,20 @@ class RayExecutor(cf.Executor):
         self.init_options = init_options
         self._remote: dict[Callable, Any] = {}
 
+    def _start(self) -> None:
+        if not self._ray.is_initialized():
+            self._ray.init(address=self.address, **self.init_options)
+
+    def capacity(self) -> int:
+        """Tasks to keep in flight: twice the cluster's CPUs, so none idles between tasks
+        while the payloads waiting in Ray's object store stay few."""
+        self._start()
+        return max(1, 2 * int(self._ray.cluster_resources().get("CPU", 1)))
+
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> cf.Future:
         """Run ``fn(*args, **kwargs)`` as a Ray task; its result as a Future."""
         ray = self._ray
-        if not ray.is_initialized():
-            ray.init(address=self.address, **self.init_options)
+        self._start()
         if fn not in self._remote:
             self._remote[fn] = ray.remote(num_cpus=1)(fn)
         return self._remote[fn].remote(*args, **kwargs).future()
@@ -307,19 +316,24 @@ def run_parallel(
 ) -> None:
     """The jobs on `pool`, at most `limit` at once. On the first failure no new job starts;
     the running ones finish (and are cached), then the failure is raised."""
-    payloads = [(job, dumps(job.task())) for job in jobs]  # pickling errors before any start
-    queue = iter(payloads)
+    # Pickled as they start, so a long sweep never holds every payload at once.
+    queue = iter(jobs)
     running: dict[cf.Future, Job] = {}
     failure: tuple[BaseException, Job] | None = None
     num_done = 0
 
     def start_next() -> None:
-        for job, payload in queue:
-            running[pool.submit(run_payload, payload)] = job
+        nonlocal failure
+        for job in queue:
+            try:
+                running[pool.submit(run_payload, dumps(job.task()))] = job
+            except Exception as exc:  # it cannot be pickled, or the pool is gone
+                failure = failure or (exc, job)
             return
 
-    for _ in range(limit or len(payloads)):
-        start_next()
+    for _ in range(limit or len(jobs)):
+        if failure is None:
+            start_next()
     while running:
         finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
         for future in finished:
@@ -372,6 +386,7 @@ def run_jobs(
             stacklevel=3,
         )
     limit = max_workers or (1 if is_measured else None)
+    jobs[0].task()  # a model that workers cannot rebuild fails here, before any start
     if executor == "process":
         with process_pool(min(limit or num_cpus(), len(jobs))) as pool:
             try:
@@ -382,7 +397,8 @@ def run_jobs(
                     exc.add_note(f"sweep: if this is a script, {UNGUARDED}")
                 raise
     if executor == "ray":
-        return run_parallel(RayExecutor(), jobs, limit, done)
+        ray_pool = RayExecutor()
+        return run_parallel(ray_pool, jobs, limit or ray_pool.capacity(), done)
     return run_parallel(executor, jobs, limit, done)
 
 

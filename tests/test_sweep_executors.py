@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import sys
+import threading
 import warnings
 
 import cortexlab as cl
@@ -192,3 +193,20 @@ def test_serial_uses_the_callers_model_and_run_workload(tiny, monkeypatch):
     monkeypatch.setattr(experiment, "run_workload", run_workload)
     rows = cl.sweep(tiny, workload(), executor="serial", cache_dir=None, **SIM)
     assert seen == [tiny] and rows.loc[0, "num_finished"] == 6.0
+
+
+class LockedFCFS(FCFSScheduler):
+    """A policy object that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_a_configuration_that_cannot_travel_is_named(tiny):
+    with pytest.raises(TypeError, match="pickle") as info:
+        cl.sweep(
+            tiny, workload(), schedulers=[LockedFCFS()], executor="process", cache_dir=None, **SIM
+        )
+    if sys.version_info >= (3, 11):
+        assert "scheduler='fcfs'" in info.value.__notes__[0]
