@@ -192,7 +192,8 @@ def run_payload(payload: bytes) -> dict[str, float]:
     task: Task = pickle.loads(payload)
     registries = _registries()
     for kind, name, factory in task.registered:
-        registries[kind].register(name)(factory)
+        if name not in registries[kind] or registries[kind].get(name) is not factory:
+            registries[kind].register(name)(factory)  # not in the driver (a thread pool)
     run = run_workload(
         rebuild_model(task.model),
         task.workload,

@@ -32,7 +32,13 @@ class PatientFCFS(FCFSScheduler):
     """A scheduler registered outside cortexlab: its name must travel with it."""
 
 
-cl.schedulers.register("patient_fcfs_for_sweep_tests")(PatientFCFS)
+@pytest.fixture
+def registered_here():
+    """PatientFCFS under a name, for one test (other tests list the registered names)."""
+    name = "patient_fcfs_for_sweep_tests"
+    cl.schedulers.register(name)(PatientFCFS)
+    yield name
+    del cl.schedulers.schedulers._factories[name]
 
 
 def cached(folder) -> dict[str, dict]:
@@ -105,11 +111,11 @@ def test_any_executor_object_gives_the_same_rows(tiny, serial_rows, tmp_path):
     assert cached(tmp_path) == files
 
 
-def test_a_name_registered_outside_cortexlab_travels_with_its_class(tiny):
-    found = executors.registered_elsewhere("patient_fcfs_for_sweep_tests", "paged")
-    assert found == [("scheduler", "patient_fcfs_for_sweep_tests", PatientFCFS)]
+def test_a_name_registered_outside_cortexlab_travels_with_its_class(tiny, registered_here):
+    found = executors.registered_elsewhere(registered_here, "paged")
+    assert found == [("scheduler", registered_here, PatientFCFS)]
     assert executors.registered_elsewhere("fcfs", "paged") == []
-    args = {"cache_dir": None, "schedulers": ["patient_fcfs_for_sweep_tests"], **SIM}
+    args = {"cache_dir": None, "schedulers": [registered_here], **SIM}
     with cf.ThreadPoolExecutor(1) as pool:
         pd.testing.assert_frame_equal(
             cl.sweep(tiny, workload(), executor=pool, **args),
