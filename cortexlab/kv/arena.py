@@ -10,7 +10,7 @@ the per-row causal mask over that gathered context. No per-request dense K/V is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -187,6 +187,8 @@ class ForwardPlan:
     # Attention that reads the plan itself (cortexlab/models/fast_attention.py) needs no
     # [G, 1, L, K] mask from make_mask; building one for a long prompt costs host time.
     attention_reads_plan: bool = False
+    # Arrays derived from the plan that every layer's attention reuses (built by the first).
+    shared: dict = field(default_factory=dict)
     _mask: mx.array | None = None
 
     def causal_mask(self, start: int, stop: int, num_keys: int) -> np.ndarray:
@@ -266,16 +268,20 @@ class PagedLayerCache:
         """Per-row RoPE position of the first new token."""
         return self.plan.offsets
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write new K/V (`[G, H, L, D]`) into the arena; return each row's context K/V."""
+    def write(self, keys: mx.array, values: mx.array) -> None:
+        """Write new K/V (`[G, H, L, D]`) into the arena."""
         g, h, length, d = keys.shape
         arena, layer, rows = self.arena, self.layer, self.plan.write_rows
         arena.keys[layer][rows] = keys.transpose(0, 2, 1, 3).reshape(g * length * h, d)
         arena.values[layer][rows] = values.transpose(0, 2, 1, 3).reshape(g * length * h, d)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write new K/V (`[G, H, L, D]`) into the arena; return each row's context K/V."""
+        self.write(keys, values)
         if self.plan.read_rows is None:
             # Every row starts at position 0: its context is exactly the new tokens.
             return keys, values
-        return arena.gather(layer, self.plan.read_rows)
+        return self.arena.gather(self.layer, self.plan.read_rows)
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """The plan's per-row causal mask (sliding windows are not supported); None when the
