@@ -86,17 +86,27 @@ def paged_attention(
     outs = []
     for start in range(0, length, QUERY_BLOCK):
         stop = min(length, start + QUERY_BLOCK)
-        num_keys = plan.key_extent(start, stop)
-        mask = plan.causal_mask(start, stop, num_keys)
-        bias = None
-        if not mask.all():
-            bias = mx.array(np.where(mask, 0.0, -np.inf).astype(np.float32)[:, None, None])
+        num_keys, bias = _query_block(plan, start, stop)
         q = queries if stop - start == length else queries[:, :, start:stop]
         k, v = keys, values
         if num_keys < keys.shape[2]:
             k, v = keys[:, :, :num_keys], values[:, :, :num_keys]
         outs.append(softmax2_attention(q, k, v, scale, bias))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def _query_block(plan: ForwardPlan, start: int, stop: int) -> tuple[int, mx.array | None]:
+    """Keys that queries [start, stop) can see, and their 0/-inf bias (None when every one
+    sees all of them); built once per forward and shared by every layer."""
+    key = ("query block", start)
+    if key not in plan.shared:
+        num_keys = plan.key_extent(start, stop)
+        mask = plan.causal_mask(start, stop, num_keys)
+        bias = None
+        if not mask.all():
+            bias = mx.array(np.where(mask, 0.0, -np.inf).astype(np.float32)[:, None, None])
+        plan.shared[key] = num_keys, bias
+    return plan.shared[key]
 
 
 def _block_indices(plan: ForwardPlan) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
