@@ -9,10 +9,11 @@ Issue 12, item 1. On the embedded model (SmolLM2-135M, float32):
   position as `Model.__call__` computes them), interleaved, best of N;
 * a breakdown by op class, each timed as isolated ops with the model's real shapes and
   weights, all layers in one evaluated graph (MLX has no per-op profiler on CPU): weight
-  GEMMs (7 per layer, the 30 layers' own weights), vocabulary head, attention (the SDPA call
-  the path makes: causal string or boolean mask, chunked like the runner), K/V cache traffic
-  (engine: arena scatter + block gather + the host-side plan/mask; mlx-lm: its cache update
-  and mask), SiLU·up, RMSNorm, RoPE, and sampling (greedy argmax + log-softmax of the sampled
+  GEMMs (7 per layer, the 30 layers' own weights), vocabulary head, attention (mlx-lm: the
+  SDPA call with its causal string or boolean mask; engine: the runner's arena attention of
+  models/fast_attention.py with its K/V writes, or SDPA under the plan's mask chunked like
+  the runner when the fast path is off), K/V cache traffic (engine: the host-side plan, plus
+  arena scatter + block gather on the exact path; mlx-lm: its cache update and mask), SiLU·up, RMSNorm, RoPE, and sampling (greedy argmax + log-softmax of the sampled
   rows). "other" is the total minus the parts: dispatch, embedding, residual adds, reshapes.
 
     python benchmarks/profile_step.py            # ~3 minutes on 2 loaded cores
@@ -25,9 +26,10 @@ import argparse
 import time
 
 import cortexlab as cl  # noqa: I001  (before mlx: loads the fast BLAS)
-from cortexlab.kv.arena import KVArena, plan_forward
+from cortexlab.kv.arena import KVArena, PagedLayerCache, plan_forward
 from cortexlab.models.fast import fast_swiglu
-from cortexlab.runner import ATTENTION_CHUNK, RowWork, Runner
+from cortexlab.models.fast_attention import paged_attention
+from cortexlab.runner import RowWork, Runner
 
 import mlx.core as mx
 import numpy as np
@@ -159,6 +161,26 @@ def attention(s: Shapes, batch: int, queries: list[tuple[int, int]], masks: list
     return run
 
 
+def arena_attention(s: Shapes, arena, tables, offsets: list[int], lengths: list[int]):
+    """The runner's fast attention (models/fast_attention.py) over a real plan, per layer,
+    K/V writes included: query blocks with a 2**x softmax for prompts, gather_mm over the
+    arena blocks for decode."""
+    batch, length = len(lengths), max(lengths)
+    q = rand((batch, s.heads, length, s.head_dim), 15)
+    k = rand((batch, s.kv_heads, length, s.head_dim), 16)
+    mx.eval(q, k)
+
+    def run():
+        plan = plan_forward(arena, tables, offsets, lengths, attention_reads_plan=True)
+        outs = []
+        for layer in range(s.n):
+            cache = PagedLayerCache(arena, layer, plan)
+            outs.append(paged_attention(q, k, k, cache, s.scale))
+        mx.eval(outs, arena.keys, arena.values)
+
+    return run
+
+
 def sampling(s: Shapes, rows: int):
     logits = rand((rows, s.embed.weight.shape[0]), 11)
     mx.eval(logits)
@@ -244,26 +266,34 @@ def prefill_case(model, s, prompt: int, repeats: int) -> dict:
         mx.eval(model.module(x, cache=cache)[:, -1], [(c.keys, c.values) for c in cache])
 
     totals = interleaved({"engine": engine, "mlx-lm": bare}, repeats)
-    # Engine pieces: the runner's waves of ATTENTION_CHUNK tokens, each attending to all
-    # keys so far under an explicit boolean mask (the first one has no cache offset).
-    starts = list(range(0, prompt, ATTENTION_CHUNK))
-    pieces = [
-        (min(prompt, a + ATTENTION_CHUNK) - a, min(prompt, a + ATTENTION_CHUNK)) for a in starts
-    ]
+    # Engine pieces: the runner's waves (one for any prompt up to its chunk), then either
+    # its arena attention (K/V writes inside it) or SDPA under an explicit boolean mask.
+    chunk = runner.attention_chunk
+    starts = list(range(0, prompt, chunk))
+    pieces = [(min(prompt, a + chunk) - a, min(prompt, a + chunk)) for a in starts]
     widths = [-(-w // BLOCK) * BLOCK if a else w for a, (_, w) in zip(starts, pieces, strict=True)]
     pieces = [(n, w) for (n, _), w in zip(pieces, widths, strict=True)]
     emasks = [
         mx.array((np.arange(w)[None, :] <= (a + np.arange(n))[:, None])[None, None])
         for a, (n, w) in zip(starts, pieces, strict=True)
     ]
-    kv_engine = 0.0
-    for a, (n, _) in zip(starts, pieces, strict=True):
-        kv_engine += best(engine_kv_traffic(model, s, arena, tables, [a], [n]), repeats)
+    if runner.fast_attention:
+        engine_attention = sum(
+            best(arena_attention(s, arena, tables, [a], [n]), repeats)
+            for a, (n, _) in zip(starts, pieces, strict=True)
+        )
+        kv_engine = best(lambda: plan_forward(arena, tables, [0], [prompt]), repeats)
+    else:
+        engine_attention = best(attention(s, 1, pieces, emasks), repeats)
+        kv_engine = sum(
+            best(engine_kv_traffic(model, s, arena, tables, [a], [n]), repeats)
+            for a, (n, _) in zip(starts, pieces, strict=True)
+        )
     parts = {
         "engine": {
             "weight GEMMs": best(gemms(s, prompt), repeats),
             "vocab head": best(head(s, 1), repeats),
-            "attention": best(attention(s, 1, pieces, emasks), repeats),
+            "attention": engine_attention,
             "K/V gather + mask": kv_engine,
             "SiLU·up": best(silu(s, prompt, runner.fast_activation), repeats),
             "RMSNorm": best(rmsnorm(s, prompt), repeats),
@@ -333,9 +363,17 @@ def decode_case(model, s, context: int, repeats: int) -> dict:
         "engine": {
             "weight GEMMs": best(gemms(s, DECODE_BATCH), repeats),
             "vocab head": best(head(s, DECODE_BATCH), repeats),
-            "attention": best(attention(s, DECODE_BATCH, [(1, width)], [emask]), repeats),
+            "attention": best(
+                arena_attention(s, arena, tables, offsets, [1] * DECODE_BATCH)
+                if runner.fast_attention
+                else attention(s, DECODE_BATCH, [(1, width)], [emask]),
+                repeats,
+            ),
             "K/V gather + mask": best(
-                engine_kv_traffic(model, s, arena, tables, offsets, [1] * DECODE_BATCH), repeats
+                (lambda: plan_forward(arena, tables, offsets, [1] * DECODE_BATCH))
+                if runner.fast_attention
+                else engine_kv_traffic(model, s, arena, tables, offsets, [1] * DECODE_BATCH),
+                repeats,
             ),
             "SiLU·up": best(silu(s, DECODE_BATCH, runner.fast_activation), repeats),
             "RMSNorm": best(rmsnorm(s, DECODE_BATCH), repeats),

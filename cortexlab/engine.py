@@ -139,9 +139,11 @@ class Engine(Serving):
             None: a preset name ("hf", "llama.cpp", "mlx-lm"), or a non-empty list of stage
             names, stages or functions (default "hf"). See docs/sampling.md.
         fast_activation: For llama-family models (llama, mistral, qwen2, qwen3), compute the
-            MLP's SiLU as ``x / (1 + 2**(-x log2 e))`` instead of MLX's scalar exp: same
-            greedy tokens, log-probabilities within ~1e-5 of mlx-lm (default True; False
-            gives mlx-lm's exact ops). Other models always run mlx-lm's own code.
+            MLP's SiLU as ``x / (1 + 2**(-x log2 e))`` instead of MLX's scalar exp, and (llama,
+            mistral, qwen2) attention over the KV arena in query blocks with a base-2 softmax
+            (decode reads the arena blocks in place): same greedy tokens, log-probabilities
+            within ~1e-4 of mlx-lm (default True; False gives mlx-lm's exact ops). Other
+            models always run mlx-lm's own code.
     """
 
     def __init__(

@@ -10,7 +10,7 @@ the per-row causal mask over that gathered context. No per-request dense K/V is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -170,7 +170,7 @@ class KVArena:
 
 @dataclass(slots=True)
 class ForwardPlan:
-    """Everything one forward pass over a group of rows needs, as MLX arrays.
+    """Everything one forward pass over a group of rows needs.
 
     Row i processes `num_new[i]` tokens at positions [offsets[i], offsets[i] + num_new[i]);
     the group is padded to `L = max(num_new)` query positions and `K` context positions.
@@ -179,24 +179,60 @@ class ForwardPlan:
     offsets: mx.array  # [G] int32: tokens already in the arena per row
     write_rows: mx.array  # [G * L * H] int32: arena row of each new token's K/V, per head
     read_rows: mx.array | None  # [G, H, nb] int32 block rows; None when all rows start at 0
-    mask: mx.array  # [G, 1, L, K] bool
     last_index: mx.array  # [G] int32: query position whose logits are sampled
+    starts: np.ndarray  # [G] host copy of `offsets`
+    ends: np.ndarray  # [G] offsets + num_new: each row's context length after the step
+    num_queries: int  # L
+    num_keys: int  # K: context positions the cache returns (block-padded when gathered)
+    # Attention that reads the plan itself (cortexlab/models/fast_attention.py) needs no
+    # [G, 1, L, K] mask from make_mask; building one for a long prompt costs host time.
+    attention_reads_plan: bool = False
+    # Arrays derived from the plan that every layer's attention reuses (built by the first).
+    shared: dict = field(default_factory=dict)
+    _mask: mx.array | None = None
+
+    def causal_mask(self, start: int, stop: int, num_keys: int) -> np.ndarray:
+        """`[G, stop - start, num_keys]` bool: query positions [start, stop) may see key k.
+
+        Causal within each row's own context; padding queries see that row's real keys only,
+        so no softmax row is empty (their outputs are discarded).
+        """
+        q = self.starts[:, None] + np.arange(start, stop)[None, :]
+        k = np.arange(num_keys)[None, None, :]
+        return (k <= q[:, :, None]) & (k < self.ends[:, None, None])
+
+    def key_extent(self, start: int, stop: int) -> int:
+        """How many leading context positions queries [start, stop) can see in any row."""
+        return int(np.minimum(self.starts + stop, self.ends).max())
+
+    @property
+    def mask(self) -> mx.array:
+        """`[G, 1, L, K]` bool mask of the whole forward (built on first use)."""
+        if self._mask is None:
+            self._mask = mx.array(self.causal_mask(0, self.num_queries, self.num_keys)[:, None])
+        return self._mask
 
 
 def plan_forward(
-    arena: KVArena, block_tables: list[list[int]], offsets: list[int], num_new: list[int]
+    arena: KVArena,
+    block_tables: list[list[int]],
+    offsets: list[int],
+    num_new: list[int],
+    *,
+    attention_reads_plan: bool = False,
 ) -> ForwardPlan:
     """Arena rows and masks for rows that each add `num_new[i]` tokens after `offsets[i]`."""
     num_rows, heads = len(num_new), arena.num_kv_heads
     length = max(num_new)
-    ends = np.asarray(offsets) + np.asarray(num_new)
+    starts = np.asarray(offsets, dtype=np.int64)
+    ends = starts + np.asarray(num_new, dtype=np.int64)
     # Padding positions write into the scratch block (any row of it will do).
     scratch_row = arena.scratch_block * heads * arena.block_size
     if length == 1:
         # Decode: one new token per row, computed for all rows at once.
         bs = arena.block_size
         blocks = np.array([t[o // bs] for t, o in zip(block_tables, offsets, strict=True)])
-        write = arena.rows_of(blocks, np.asarray(offsets) % bs)
+        write = arena.rows_of(blocks, starts % bs)
     else:
         write = np.full((num_rows, length, heads), scratch_row, dtype=np.int64)
         for i, (table, off, n) in enumerate(zip(block_tables, offsets, num_new, strict=True)):
@@ -206,17 +242,16 @@ def plan_forward(
     else:
         num_blocks = -(-int(ends.max()) // arena.block_size)
         read, width = arena.block_rows(block_tables, num_blocks), num_blocks * arena.block_size
-    q = np.asarray(offsets)[:, None] + np.arange(length)[None, :]  # [G, L] query positions
-    k = np.arange(width)[None, None, :]
-    # Causal within each row's own context; padding queries see that row's real keys only,
-    # so no softmax row is empty (their outputs are discarded).
-    mask = (k <= q[:, :, None]) & (k < ends[:, None, None])
     return ForwardPlan(
-        offsets=mx.array(np.asarray(offsets, dtype=np.int32)),
+        offsets=mx.array(starts.astype(np.int32)),
         write_rows=mx.array(write.reshape(-1).astype(np.int32)),
         read_rows=None if read is None else mx.array(read.astype(np.int32)),
-        mask=mx.array(mask[:, None, :, :]),
         last_index=mx.array(np.asarray(num_new, dtype=np.int32) - 1),
+        starts=starts,
+        ends=ends,
+        num_queries=length,
+        num_keys=width,
+        attention_reads_plan=attention_reads_plan,
     )
 
 
@@ -233,22 +268,27 @@ class PagedLayerCache:
         """Per-row RoPE position of the first new token."""
         return self.plan.offsets
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Write new K/V (`[G, H, L, D]`) into the arena; return each row's context K/V."""
+    def write(self, keys: mx.array, values: mx.array) -> None:
+        """Write new K/V (`[G, H, L, D]`) into the arena."""
         g, h, length, d = keys.shape
         arena, layer, rows = self.arena, self.layer, self.plan.write_rows
         arena.keys[layer][rows] = keys.transpose(0, 2, 1, 3).reshape(g * length * h, d)
         arena.values[layer][rows] = values.transpose(0, 2, 1, 3).reshape(g * length * h, d)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write new K/V (`[G, H, L, D]`) into the arena; return each row's context K/V."""
+        self.write(keys, values)
         if self.plan.read_rows is None:
             # Every row starts at position 0: its context is exactly the new tokens.
             return keys, values
-        return arena.gather(layer, self.plan.read_rows)
+        return self.arena.gather(self.layer, self.plan.read_rows)
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        """The plan's per-row causal mask (sliding windows are not supported)."""
+        """The plan's per-row causal mask (sliding windows are not supported); None when the
+        attention reads the plan itself."""
         if window_size is not None:
             raise NotImplementedError("sliding-window attention is not supported by the arena")
-        return self.plan.mask
+        return None if self.plan.attention_reads_plan else self.plan.mask
 
     def empty(self) -> bool:
         """Never empty: the arena always exists."""
