@@ -22,29 +22,63 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cortexlab.models.base import Model
+from cortexlab.roofline import (
+    HARDWARE,
+    MODEL_SHAPES,
+    Hardware,
+    ModelShape,
+    ShapedModel,
+    get_hardware,
+    get_shape,
+    kv_budget,
+    roofline,
+    shaped_model,
+)
 from cortexlab.runner import ATTENTION_CHUNK, MAX_PADDING_TOKENS, RowWork, Runner, group_rows
 from cortexlab.sampling import Sampler
+from cortexlab.workloads import Workload
 
 import mlx.core as mx
 import numpy as np
 
 __all__ = [
+    "HARDWARE",
+    "MODEL_SHAPES",
     "BatchFeatures",
     "CostModel",
+    "Hardware",
+    "ModelShape",
+    "ShapedModel",
+    "default_cost_model",
+    "get_hardware",
+    "get_shape",
+    "kv_budget",
+    "roofline",
+    "shaped_model",
+    "shipped_path",
     "NullArena",
     "SimulatedRunner",
     "SimulatedSampler",
     "batch_features",
     "calibrate",
+    "calibration_workloads",
+    "profile_engine",
     "model_identity",
     "placeholder_token",
 ]
 
 FORMAT = "cortexlab.sim.CostModel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # A logit gap no sampling stage closes: penalties and biases move logits by a few units, so
 # greedy and random sampling alike pick the placeholder token.
 _PLACEHOLDER_GAP = 1e4
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number >= 0, else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class BatchFeatures(NamedTuple):
@@ -56,6 +90,9 @@ class BatchFeatures(NamedTuple):
     num_padding_tokens: int  # slots the runner pads its groups with (computed, discarded)
     num_sampled_rows: int  # rows whose logits are sampled
     num_forwards: int  # forward passes the runner makes (groups x attention waves)
+    # (query, key) pairs attention scores: a row with c cached and n new tokens has
+    # n*c + n(n+1)/2 (causal); equals num_context_tokens for an all-decode step.
+    num_attention_pairs: int = 0
 
 
 def _layout(lengths: Sequence[int]) -> tuple[int, int]:
@@ -89,6 +126,9 @@ def batch_features(rows: Sequence[RowWork]) -> BatchFeatures:
         num_padding_tokens=padding,
         num_sampled_rows=sum(1 for r in rows if r.needs_logits),
         num_forwards=forwards,
+        num_attention_pairs=sum(
+            n * r.offset + n * (n + 1) // 2 for r, n in zip(rows, lengths, strict=True)
+        ),
     )
 
 
@@ -108,7 +148,10 @@ _TERMS = {
     "context_token_s": "num_context_tokens",
     "padding_token_s": "num_padding_tokens",
     "sampled_row_s": "num_sampled_rows",
+    "attention_pair_s": "num_attention_pairs",
 }
+# Version 1 files predate the attention term (read with attention_pair_s = 0).
+_TERMS_V1 = tuple(name for name in _TERMS if name != "attention_pair_s")
 
 
 @dataclass(slots=True)
@@ -118,7 +161,12 @@ class CostModel:
     Each coefficient is seconds per unit of its `BatchFeatures` field (``forward_s`` per
     forward pass, ``prefill_token_s`` per prompt token, ...); all finite and >= 0. `model`
     is the identity (`model_identity`) of the model it was calibrated on, or None for a
-    hand-written or hypothetical one; `info` says how it was made (grid, machine, fit error).
+    hand-written or hypothetical one; `info` says how it was made (workloads, machine, fit).
+
+    `memory` (None for a calibrated, linear model) makes it a roofline: the coefficients
+    above are then the compute side and `memory` holds seconds per unit of the same features
+    for the bytes moved (names as above, except ``step_s``), and a step lasts
+    ``step_s + max(compute, memory)`` (see `cortexlab.roofline`).
     """
 
     step_s: float = 0.0
@@ -128,42 +176,58 @@ class CostModel:
     context_token_s: float = 0.0
     padding_token_s: float = 0.0
     sampled_row_s: float = 0.0
+    attention_pair_s: float = 0.0
     model: dict | None = None
     info: dict = field(default_factory=dict)
+    memory: dict | None = None
 
     def __post_init__(self) -> None:
         for name in _TERMS:
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not 0 <= value < math.inf
-            ):
-                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
-            setattr(self, name, float(value))
+            setattr(self, name, _check_seconds(f"CostModel.{name}", getattr(self, name)))
         if self.model is not None and not isinstance(self.model, dict):
             raise ValueError(f"CostModel.model must be a dict or None, got {self.model!r}")
         if not isinstance(self.info, dict):
             raise ValueError(f"CostModel.info must be a dict, got {self.info!r}")
+        if self.memory is not None:
+            allowed = [name for name in _TERMS if name != "step_s"]
+            if not isinstance(self.memory, Mapping) or not set(self.memory) <= set(allowed):
+                raise ValueError(
+                    f"CostModel.memory must be None or a dict with keys among {allowed}, "
+                    f"got {self.memory!r}"
+                )
+            self.memory = {
+                name: _check_seconds(f"CostModel.memory[{name!r}]", self.memory[name])
+                for name in allowed
+                if name in self.memory
+            }
 
     @property
     def coefficients(self) -> dict[str, float]:
-        """Coefficient name -> value."""
+        """Coefficient name -> value (the compute side of a roofline)."""
         return {name: getattr(self, name) for name in _TERMS}
+
+    @property
+    def is_roofline(self) -> bool:
+        """True when a step lasts ``step_s + max(compute, memory)`` (`memory` is set)."""
+        return self.memory is not None
 
     def __call__(self, features: BatchFeatures) -> float:
         """Seconds a step with these features takes (0 for an empty batch)."""
         if features.num_prefill_tokens + features.num_decode_rows == 0:
             return 0.0
-        return (
-            self.step_s
-            + self.forward_s * features.num_forwards
+        compute = (
+            self.forward_s * features.num_forwards
             + self.prefill_token_s * features.num_prefill_tokens
             + self.decode_row_s * features.num_decode_rows
             + self.context_token_s * features.num_context_tokens
             + self.padding_token_s * features.num_padding_tokens
             + self.sampled_row_s * features.num_sampled_rows
+            + self.attention_pair_s * features.num_attention_pairs
         )
+        if self.memory is None:
+            return self.step_s + compute
+        memory = sum(v * getattr(features, _TERMS[k]) for k, v in self.memory.items())
+        return self.step_s + max(compute, memory)
 
     def predict(self, rows: Sequence[RowWork]) -> float:
         """Seconds a step over these rows takes."""
@@ -179,7 +243,8 @@ class CostModel:
             detail = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
                 f"{source} was calibrated on model {self.model.get('name')!r}, not on "
-                f"{mine['name']!r} ({detail}); calibrate this model with cl.sim.calibrate(model)"
+                f"{mine['name']!r} ({detail}); calibrate this model with cl.sim.calibrate(model) "
+                "or `cortexlab calibrate --model ...`"
             )
 
     def to_dict(self) -> dict:
@@ -189,6 +254,7 @@ class CostModel:
             "version": FORMAT_VERSION,
             "model": self.model,
             "coefficients": self.coefficients,
+            "memory": self.memory,
             "info": self.info,
         }
 
@@ -200,22 +266,31 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "cost model") -> CostModel:
-        """A cost model from `to_dict`'s form; ValueError naming what is wrong."""
+        """A cost model from `to_dict`'s form (this version or 1); ValueError naming what is
+        wrong."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise ValueError(f"{source} is not a cortexlab cost model (no format {FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
+        version = data.get("version")
+        if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
             raise ValueError(
-                f"{source} has format version {data.get('version')!r}; this cortexlab reads "
-                f"version {FORMAT_VERSION}: recalibrate with cl.sim.calibrate(model)"
+                f"{source} has format version {version!r}; this cortexlab reads versions 1 "
+                f"to {FORMAT_VERSION}: recalibrate with cl.sim.calibrate(model) or "
+                "`cortexlab calibrate`"
             )
+        names = _TERMS_V1 if version == 1 else tuple(_TERMS)
         coefficients = data.get("coefficients")
-        if not isinstance(coefficients, Mapping) or set(coefficients) != set(_TERMS):
+        if not isinstance(coefficients, Mapping) or set(coefficients) != set(names):
             raise ValueError(
-                f"{source}: coefficients must be exactly {sorted(_TERMS)}, got "
-                f"{sorted(coefficients) if isinstance(coefficients, Mapping) else coefficients!r}"
+                f"{source}: coefficients must be exactly {sorted(names)} (version {version}), "
+                f"got {sorted(coefficients) if isinstance(coefficients, Mapping) else coefficients!r}"
             )
         try:
-            return cls(**coefficients, model=data.get("model"), info=dict(data.get("info") or {}))
+            return cls(
+                **coefficients,
+                model=data.get("model"),
+                info=dict(data.get("info") or {}),
+                memory=data.get("memory"),
+            )
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source}: {exc}") from None
 
@@ -270,7 +345,8 @@ class CostModel:
             f"<tr><th>{k}</th><td>{v:.4g}</td></tr>" for k, v in self.coefficients.items()
         )
         name = self.model.get("name") if self.model else "no model"
-        return f"<b>CostModel ({name})</b><table>{rows}</table>"
+        kind = "roofline" if self.is_roofline else "linear"
+        return f"<b>CostModel ({name}, {kind})</b><table>{rows}</table>"
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -411,27 +487,68 @@ class SimulatedRunner:
 def check_simulation(clock: str, cost_model: Any, model: Model) -> CostModel | None:
     """The engine's cost model: required with ``clock="simulated"``, refused otherwise.
 
-    A path is loaded with `CostModel.load` (refusing a file calibrated on another model).
+    ``"default"`` is the calibration shipped for `model` (`default_cost_model`); another
+    string or a path is loaded with `CostModel.load` (refusing one calibrated on another
+    model). A weightless `ShapedModel` runs only on the simulated clock.
     """
     if clock != "simulated":
+        if isinstance(model, ShapedModel):
+            raise ValueError(
+                f"{model.name} is a shape without weights (cl.sim.shaped_model): run it with "
+                "clock='simulated' (backend='sim') and a cost model such as "
+                "cl.sim.roofline(shape, 'h100')"
+            )
         if cost_model is not None:
             raise ValueError(f"cost_model is only used with clock='simulated', got clock={clock!r}")
         return None
     if cost_model is None:
         raise ValueError(
-            "clock='simulated' needs a cost_model: load a calibration with "
+            "clock='simulated' needs a cost_model: cost_model='default' for the calibration "
+            "shipped with cortexlab (the embedded model), load one with "
             "cl.sim.CostModel.load(path), fit one on this machine with "
-            "cl.sim.calibrate(model), or write coefficients by hand, e.g. "
+            "cl.sim.calibrate(model) (or `cortexlab calibrate`), estimate one for named "
+            "hardware with cl.sim.roofline(shape, 'h100'), or write coefficients by hand, e.g. "
             "cl.sim.CostModel(step_s=0.005, prefill_token_s=1e-4, decode_row_s=1e-3)"
         )
+    if cost_model == "default":
+        return default_cost_model(model)
     if isinstance(cost_model, str | Path):
         return CostModel.load(cost_model, model)
     if not isinstance(cost_model, CostModel):
         raise ValueError(
-            f"cost_model must be a cl.sim.CostModel or a path to one, got "
+            f"cost_model must be a cl.sim.CostModel, 'default' or a path to one, got "
             f"{type(cost_model).__name__}"
         )
     return cost_model
+
+
+# -- the shipped calibration --------------------------------------------------------------
+
+DATA_DIR = Path(__file__).parent / "data"
+# Model name -> the calibration shipped for it (regenerate with `cortexlab calibrate`).
+SHIPPED = {"SmolLM2-135M-Instruct": "cost_model_SmolLM2-135M-Instruct.json"}
+
+
+def shipped_path(model_name: str) -> Path | None:
+    """Where the calibration shipped for a model of this name lives (None: none ships)."""
+    name = SHIPPED.get(model_name)
+    return None if name is None else DATA_DIR / name
+
+
+def default_cost_model(model: Model) -> CostModel:
+    """The calibration shipped with cortexlab for `model` (the embedded SmolLM2-135M,
+    unquantized): measured on a 2-core Linux CPU machine (see its ``info``), so a guide to
+    this kind of machine, not to yours. ValueError for any other model, saying how to
+    calibrate it."""
+    path = shipped_path(model.name)
+    if path is None or not path.exists():
+        shipped = ", ".join(sorted(SHIPPED)) or "none"
+        raise ValueError(
+            f"no calibration ships for model {model.name!r} (shipped: {shipped}); fit one "
+            "with cl.sim.calibrate(model) and save it (or run `cortexlab calibrate --model "
+            "... --output FILE`), or estimate one with cl.sim.roofline(shape, hardware)"
+        )
+    return CostModel.load(path, model)
 
 
 # -- calibration ---------------------------------------------------------------------------
@@ -495,33 +612,146 @@ def _shape_rows(shape: Sequence[tuple[int, int]], block_size: int, vocab: int) -
     return rows
 
 
+def calibration_workloads() -> list[Workload]:
+    """The workloads `calibrate` runs by default: a prompt-heavy burst, a light Poisson
+    stream and a bursty one with long prompts (seeds 9001-9003, which no fidelity check
+    uses), small enough to run in a couple of minutes on two CPU cores."""
+    from cortexlab import workloads as wl
+
+    return [
+        wl.burst(16, prompt_len=wl.Uniform(32, 320), output_len=wl.Uniform(8, 40), seed=9001),
+        wl.poisson(
+            3.0,
+            num_requests=16,
+            prompt_len=wl.Uniform(8, 96),
+            output_len=wl.Uniform(16, 64),
+            seed=9002,
+        ),
+        wl.gamma(
+            6.0,
+            2.0,
+            num_requests=16,
+            prompt_len=wl.Uniform(64, 480),
+            output_len=wl.Uniform(4, 32),
+            seed=9003,
+        ),
+    ]
+
+
+# The schedulers each calibration workload runs under: whole prompts and chunked ones.
+CALIBRATION_SCHEDULERS = ("fcfs", "sarathi")
+
+
+def profile_engine(
+    model: Model, workload: Workload, *, scheduler: Any = "fcfs", **engine_kwargs: Any
+) -> tuple[list[BatchFeatures], list[float]]:
+    """Run `workload` on the real engine (measured clock); each step's features and its
+    measured duration, the whole step as the engine times it (scheduling, forward pass,
+    sampling, bookkeeping)."""
+    from cortexlab.engine import Engine
+
+    engine = Engine(model, scheduler=scheduler, clock="measured", **engine_kwargs)
+    if not isinstance(engine.runner, Runner):
+        raise ValueError("profile_engine needs the real runner (not clock='simulated')")
+    features: dict[int, BatchFeatures] = {}
+    durations: dict[int, float] = {}
+    forward = engine.runner.forward
+
+    def recording_forward(rows: list[RowWork]) -> mx.array:
+        features[engine.num_steps] = batch_features(rows)
+        return forward(rows)
+
+    def on_end(event: Any) -> None:
+        durations[event.step] = event.data["duration"]
+
+    engine.runner.forward = recording_forward
+    start = engine.clock.now()
+    with engine.hooks({"step.end": on_end}):
+        for index, r in enumerate(workload.iter_materialize(model)):
+            engine.submit(
+                r.prompt_token_ids, r.params, request_id=index, arrival_time=start + r.arrival_time
+            )
+        engine.run_until_done()
+    steps = sorted(step for step in features if durations.get(step, 0) > 0)
+    return [features[s] for s in steps], [durations[s] for s in steps]
+
+
 def calibrate(
     model: Model,
     *,
+    workloads: Sequence[Workload] | None = None,
+    schedulers: Sequence[Any] = CALIBRATION_SCHEDULERS,
     grid: Sequence[Sequence[tuple[int, int]]] | None = None,
     repeats: int = 3,
     block_size: int = 16,
 ) -> CostModel:
-    """Fit a CostModel to the real runner's step times on this machine.
+    """Fit a CostModel to the real engine's step times on this machine.
 
-    Each batch shape of `grid` (rows of (cached, new) token counts; default `DEFAULT_GRID`)
-    runs through the real `Runner` on a KV arena, with greedy argmax and the step's one
-    ``mx.eval``, `repeats` times after a warm-up; the fastest time is kept (the least
-    disturbed by other work) and the coefficients are fitted by non-negative least squares,
-    each point weighted by 1/duration (relative error). A sketch of what it measures, not
-    the engine's whole step: scheduling and bookkeeping are left out.
+    By default each of `workloads` (default `calibration_workloads()`) runs through the real
+    engine under each of `schedulers` on the measured clock, and the coefficients are fitted
+    by non-negative least squares to every step's measured duration: whole steps, so the
+    scheduling, sampling and bookkeeping a simulated run leaves out are priced in, at the
+    load this machine has while calibrating.
+
+    With `grid` instead (batch shapes, each a list of (cached, new) token counts per row),
+    only the runner's forward pass and a greedy argmax are timed on each shape, `repeats`
+    times after a warm-up, keeping the fastest: a quick sketch of the forward pass alone.
     """
-    from cortexlab.kv.arena import KVArena
-
     if not isinstance(model, Model):
         raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
-    shapes = _check_grid(DEFAULT_GRID if grid is None else grid, model)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if grid is not None:
+        if workloads is not None:
+            raise ValueError("calibrate takes workloads or a grid, not both")
+        return _calibrate_grid(model, grid=grid, repeats=repeats, block_size=block_size)
+    workloads = calibration_workloads() if workloads is None else list(workloads)
+    if not workloads or not all(isinstance(w, Workload) for w in workloads):
+        raise ValueError(
+            f"workloads must be a non-empty list of cl.workloads.Workload, got {workloads!r}"
+        )
+    if isinstance(schedulers, str) or not schedulers:
+        raise ValueError(f"schedulers must be a non-empty list of schedulers, got {schedulers!r}")
+    features: list[BatchFeatures] = []
+    durations: list[float] = []
+    t0 = time.perf_counter()
+    for workload in workloads:
+        for scheduler in schedulers:
+            f, d = profile_engine(model, workload, scheduler=scheduler, block_size=block_size)
+            features += f
+            durations += d
+    info = {
+        "method": "engine",
+        "workloads": [repr(w) for w in workloads],
+        "schedulers": [getattr(s, "name", None) or str(s) for s in schedulers],
+        "num_steps": len(durations),
+        "seconds": round(time.perf_counter() - t0, 1),
+        **_machine_info(block_size),
+    }
+    return CostModel.fit(features, durations, model=model_identity(model), info=info)
+
+
+def _machine_info(block_size: int) -> dict:
+    return {
+        "block_size": block_size,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "mlx": getattr(mx, "__version__", "unknown"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _calibrate_grid(
+    model: Model, *, grid: Sequence[Sequence[tuple[int, int]]], repeats: int, block_size: int
+) -> CostModel:
+    """`calibrate` over batch shapes: the forward pass alone, fastest of `repeats`."""
+    from cortexlab.kv.arena import KVArena
+
+    shapes = _check_grid(grid, model)
     if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral):
         raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
     if not 1 <= repeats <= 1000:
         raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     all_rows = [_shape_rows(s, block_size, model.vocab_size) for s in shapes]
     num_blocks = max(max(r.block_table) for rows in all_rows for r in rows) + 1
     arena = KVArena(
@@ -551,13 +781,10 @@ def calibrate(
             durations[i] = min(durations[i], timed(rows))
     features = [batch_features(rows) for rows in all_rows]
     info = {
+        "method": "grid",
         "grid": [list(map(list, s)) for s in shapes],
         "durations": durations,
         "repeats": repeats,
-        "block_size": block_size,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "mlx": getattr(mx, "__version__", "unknown"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **_machine_info(block_size),
     }
     return CostModel.fit(features, durations, model=model_identity(model), info=info)

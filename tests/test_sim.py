@@ -20,6 +20,7 @@ CM = CostModel(
     context_token_s=1e-6,
     padding_token_s=1e-4,
     sampled_row_s=2e-5,
+    attention_pair_s=1e-7,
 )
 
 
@@ -46,21 +47,23 @@ def _formula(f: BatchFeatures) -> float:
         + CM.context_token_s * f.num_context_tokens
         + CM.padding_token_s * f.num_padding_tokens
         + CM.sampled_row_s * f.num_sampled_rows
+        + CM.attention_pair_s * f.num_attention_pairs
     )
 
 
 # -- the cost model --------------------------------------------------------------------------
 def test_features_of_hand_built_batches() -> None:
     f = batch_features(_rows([1, 1, 1], offsets=[10, 20, 30]))
-    assert f == BatchFeatures(0, 3, 63, 0, 3, 1)
+    assert f == BatchFeatures(0, 3, 63, 0, 3, 1, 63)
     # Two prompts within the runner's padding limit share one padded forward.
     f = batch_features(_rows([10, 6, 1], offsets=[0, 4, 7], needs=[True, False, True]))
-    assert f == BatchFeatures(16, 1, 28, 4, 2, 2)
+    # Attention pairs are causal: n*cached + n(n+1)/2 per row.
+    assert f == BatchFeatures(16, 1, 28, 4, 2, 2, 55 + 45 + 8)
     # Too much padding: separate forwards, no padding.
     assert batch_features(_rows([40, 10])).num_padding_tokens == 0
     assert batch_features(_rows([40, 10])).num_forwards == 2
     # A long prompt runs in attention waves of 128 tokens: three forwards.
-    assert batch_features(_rows([300])) == BatchFeatures(300, 0, 300, 0, 1, 3)
+    assert batch_features(_rows([300])) == BatchFeatures(300, 0, 300, 0, 1, 3, 300 * 301 // 2)
     assert CM(batch_features(_rows([10, 6, 1]))) == pytest.approx(
         _formula(batch_features(_rows([10, 6, 1])))
     )
@@ -113,9 +116,9 @@ def test_step_durations_are_the_cost_models(tiny) -> None:
         engine.run_until_done()
     steps = trace.steps
     expected = [
-        _formula(BatchFeatures(20, 0, 20, 0, 1, 1)),  # the prompt
-        _formula(BatchFeatures(0, 1, 21, 0, 1, 1)),  # two decodes
-        _formula(BatchFeatures(0, 1, 22, 0, 1, 1)),
+        _formula(BatchFeatures(20, 0, 20, 0, 1, 1, 210)),  # the prompt
+        _formula(BatchFeatures(0, 1, 21, 0, 1, 1, 21)),  # two decodes
+        _formula(BatchFeatures(0, 1, 22, 0, 1, 1, 22)),
     ]
     assert steps.duration.tolist() == pytest.approx(expected, rel=1e-12)
     assert (steps.end - steps.start).tolist() == pytest.approx(expected, rel=1e-12)
