@@ -4,8 +4,9 @@
 timings: each of the step's `BatchFeatures` costs FLOPs (at the hardware's dense peak times
 `compute_efficiency`) and bytes (at its memory bandwidth times `memory_efficiency`), and the
 step lasts ``step_overhead_s + max(compute, memory)``. These are estimates, not
-measurements. Assumed: every forward pass reads all layer weights and the LM head once; a
-row reads the K/V of every token it attends and writes its new tokens' K/V; the matmuls cost
+measurements. Assumed: a step is one forward pass over all its rows, unpadded (as a GPU
+engine batches them; the CPU runner's padding and attention waves are not priced), which
+reads all layer weights and the LM head once; a row reads the K/V of every token it attends and writes its new tokens' K/V; the matmuls cost
 2 FLOPs per weight per token and attention 4 FLOPs per (query, key) pair per head and layer.
 Ignored: kernel launch and scheduling overhead (unless `step_overhead_s` is set), the
 embedding lookup, norms, activations and softmax, communication between devices (one
@@ -302,10 +303,10 @@ def roofline(
     memory)`` per step, from FLOPs at ``peak x compute_efficiency`` and bytes at
     ``bandwidth x memory_efficiency`` (both in (0, 1]; 1 gives the ideal roofline).
 
-    Compute: 2 FLOPs per block weight per token (prompt, decode or padding), the LM head per
-    sampled row, 4 per attended (query, key) pair per head and layer. Memory: all block and
-    LM-head weights once per forward pass, every attended token's K/V per row, each new
-    token's K/V written, fp32 logits per sampled row. An estimate; see this module's
+    Compute: 2 FLOPs per block weight per token (prompt or decode), the LM head per sampled
+    row, 4 per attended (query, key) pair per head and layer. Memory: all block and LM-head
+    weights once per step, every attended token's K/V per row, each new token's K/V
+    written, fp32 logits per sampled row. An estimate; see this module's
     docstring for what it ignores.
     """
     from cortexlab.sim import CostModel
@@ -326,15 +327,13 @@ def roofline(
         step_s=float(step_overhead_s),
         prefill_token_s=per_token,
         decode_row_s=per_token,
-        padding_token_s=per_token,
         sampled_row_s=2 * shape.hidden_size * shape.vocab_size / flops,
         attention_pair_s=4 * shape.num_layers * shape.num_heads * shape.head_dim / flops,
         memory={
-            "forward_s": shape.bytes_per_forward / bandwidth,
+            "step_s": shape.bytes_per_forward / bandwidth,
             "context_token_s": shape.kv_bytes_per_token / bandwidth,
             "prefill_token_s": kv_write,
             "decode_row_s": kv_write,
-            "padding_token_s": kv_write,
             "sampled_row_s": 4 * shape.vocab_size / bandwidth,
         },
         info={

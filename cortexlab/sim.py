@@ -50,6 +50,7 @@ __all__ = [
     "ModelShape",
     "ShapedModel",
     "default_cost_model",
+    "fidelity",
     "get_hardware",
     "get_shape",
     "kv_budget",
@@ -61,6 +62,9 @@ __all__ = [
     "SimulatedSampler",
     "batch_features",
     "calibrate",
+    "CALIBRATION_ENGINE",
+    "CALIBRATION_SCHEDULERS",
+    "DEFAULT_GRID",
     "calibration_workloads",
     "profile_engine",
     "model_identity",
@@ -164,8 +168,8 @@ class CostModel:
     hand-written or hypothetical one; `info` says how it was made (workloads, machine, fit).
 
     `memory` (None for a calibrated, linear model) makes it a roofline: the coefficients
-    above are then the compute side and `memory` holds seconds per unit of the same features
-    for the bytes moved (names as above, except ``step_s``), and a step lasts
+    above are then the compute side (``step_s`` a fixed overhead) and `memory` holds the
+    seconds of bytes moved, by the same names (its ``step_s``: per step), and a step lasts
     ``step_s + max(compute, memory)`` (see `cortexlab.roofline`).
     """
 
@@ -189,7 +193,7 @@ class CostModel:
         if not isinstance(self.info, dict):
             raise ValueError(f"CostModel.info must be a dict, got {self.info!r}")
         if self.memory is not None:
-            allowed = [name for name in _TERMS if name != "step_s"]
+            allowed = list(_TERMS)
             if not isinstance(self.memory, Mapping) or not set(self.memory) <= set(allowed):
                 raise ValueError(
                     f"CostModel.memory must be None or a dict with keys among {allowed}, "
@@ -226,7 +230,10 @@ class CostModel:
         )
         if self.memory is None:
             return self.step_s + compute
-        memory = sum(v * getattr(features, _TERMS[k]) for k, v in self.memory.items())
+        memory = sum(
+            v if _TERMS[k] is None else v * getattr(features, _TERMS[k])
+            for k, v in self.memory.items()
+        )
         return self.step_s + max(compute, memory)
 
     def predict(self, rows: Sequence[RowWork]) -> float:
@@ -317,8 +324,14 @@ class CostModel:
         *,
         model: dict | None = None,
         info: Mapping | None = None,
+        match_total: bool = False,
     ) -> CostModel:
-        """Non-negative least squares of `durations` on `features` (relative error weighted)."""
+        """Non-negative least squares of `durations` on `features` (relative error weighted).
+
+        `match_total` then scales every coefficient so the predicted durations sum to the
+        measured ones: the relative fit sets the shape, the total removes its bias towards
+        the many short steps (noise on a busy machine only lengthens steps, and a
+        simulated run's latencies are sums of step times)."""
         if len(features) != len(durations) or len(features) == 0:
             raise ValueError(
                 f"fit needs as many durations as features (at least one), got "
@@ -333,10 +346,21 @@ class CostModel:
         )
         # Weight each point by 1/duration: a 5 ms step matters as much as a 500 ms one.
         coef = _nnls(x / y[:, None], np.ones_like(y))
+        scale = 1.0
+        if match_total:
+            # Gross outliers (a step that ran into a burst of other work, 5x its median
+            # ratio and more) would set the total alone: they are left out of it.
+            fitted_y = x @ coef
+            ratio = y / np.maximum(fitted_y, 1e-12)
+            kept = ratio <= 5 * np.median(ratio)
+            if fitted_y[kept].sum() > 0:
+                scale = float(y[kept].sum() / fitted_y[kept].sum())
+        coef = coef * scale
         fitted = dict(zip(_TERMS, coef.tolist(), strict=True))
         predicted = x @ coef
         error = np.abs(predicted - y) / y
         meta = {"num_points": len(y), "max_rel_error": float(error.max())}
+        meta |= {"total_scale": scale} if match_total else {}
         meta["mean_rel_error"] = float(error.mean())
         return cls(**fitted, model=model, info={**meta, **(info or {})})
 
@@ -613,24 +637,24 @@ def _shape_rows(shape: Sequence[tuple[int, int]], block_size: int, vocab: int) -
 
 
 def calibration_workloads() -> list[Workload]:
-    """The workloads `calibrate` runs by default: a prompt-heavy burst, a light Poisson
-    stream and a bursty one with long prompts (seeds 9001-9003, which no fidelity check
-    uses), small enough to run in a couple of minutes on two CPU cores."""
+    """The workloads `calibrate` runs by default: a burst of prompts, a light Poisson stream
+    of short ones and a bursty stream of long ones (seeds 9001-9003, which no fidelity check
+    uses), small enough to run in a few minutes on two CPU cores."""
     from cortexlab import workloads as wl
 
     return [
-        wl.burst(16, prompt_len=wl.Uniform(32, 320), output_len=wl.Uniform(8, 40), seed=9001),
+        wl.burst(12, prompt_len=wl.Uniform(32, 320), output_len=wl.Uniform(8, 40), seed=9001),
         wl.poisson(
-            3.0,
+            2.0,
             num_requests=16,
             prompt_len=wl.Uniform(8, 96),
             output_len=wl.Uniform(16, 64),
             seed=9002,
         ),
         wl.gamma(
-            6.0,
+            1.5,
             2.0,
-            num_requests=16,
+            num_requests=12,
             prompt_len=wl.Uniform(64, 480),
             output_len=wl.Uniform(4, 32),
             seed=9003,
@@ -640,6 +664,9 @@ def calibration_workloads() -> list[Workload]:
 
 # The schedulers each calibration workload runs under: whole prompts and chunked ones.
 CALIBRATION_SCHEDULERS = ("fcfs", "sarathi")
+# Engine options of the calibration runs: vLLM's chunked-prefill token budget, so no step
+# computes more than 512 tokens (the measured steps span the sizes simulated steps take).
+CALIBRATION_ENGINE = {"max_num_batched_tokens": 512}
 
 
 def profile_engine(
@@ -684,12 +711,15 @@ def calibrate(
     grid: Sequence[Sequence[tuple[int, int]]] | None = None,
     repeats: int = 3,
     block_size: int = 16,
+    **engine_kwargs: Any,
 ) -> CostModel:
     """Fit a CostModel to the real engine's step times on this machine.
 
     By default each of `workloads` (default `calibration_workloads()`) runs through the real
-    engine under each of `schedulers` on the measured clock, and the coefficients are fitted
-    by non-negative least squares to every step's measured duration: whole steps, so the
+    engine under each of `schedulers` on the measured clock (engine options
+    `CALIBRATION_ENGINE`, updated by `engine_kwargs`), and the coefficients are fitted by
+    non-negative least squares to every step's measured duration (relative error, then
+    scaled to the measured total: `CostModel.fit(match_total=True)`): whole steps, so the
     scheduling, sampling and bookkeeping a simulated run leaves out are priced in, at the
     load this machine has while calibrating.
 
@@ -702,8 +732,8 @@ def calibrate(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if grid is not None:
-        if workloads is not None:
-            raise ValueError("calibrate takes workloads or a grid, not both")
+        if workloads is not None or engine_kwargs:
+            raise ValueError("calibrate takes workloads (and engine options) or a grid, not both")
         return _calibrate_grid(model, grid=grid, repeats=repeats, block_size=block_size)
     workloads = calibration_workloads() if workloads is None else list(workloads)
     if not workloads or not all(isinstance(w, Workload) for w in workloads):
@@ -712,23 +742,32 @@ def calibrate(
         )
     if isinstance(schedulers, str) or not schedulers:
         raise ValueError(f"schedulers must be a non-empty list of schedulers, got {schedulers!r}")
+    engine = {**CALIBRATION_ENGINE, **engine_kwargs, "block_size": block_size}
+    t0 = time.perf_counter()
+    # Warm-up, untimed: the first steps of a process pay for MLX's allocations and caches.
+    from cortexlab import workloads as wl
+
+    warm = wl.burst(4, prompt_len=wl.Uniform(16, 64), output_len=wl.Fixed(4), seed=0)
+    profile_engine(model, warm, scheduler=schedulers[0], **engine)
     features: list[BatchFeatures] = []
     durations: list[float] = []
-    t0 = time.perf_counter()
     for workload in workloads:
         for scheduler in schedulers:
-            f, d = profile_engine(model, workload, scheduler=scheduler, block_size=block_size)
+            f, d = profile_engine(model, workload, scheduler=scheduler, **engine)
             features += f
             durations += d
     info = {
         "method": "engine",
         "workloads": [repr(w) for w in workloads],
         "schedulers": [getattr(s, "name", None) or str(s) for s in schedulers],
+        "engine": {k: v for k, v in engine.items() if isinstance(v, int | float | str)},
         "num_steps": len(durations),
         "seconds": round(time.perf_counter() - t0, 1),
         **_machine_info(block_size),
     }
-    return CostModel.fit(features, durations, model=model_identity(model), info=info)
+    return CostModel.fit(
+        features, durations, model=model_identity(model), info=info, match_total=True
+    )
 
 
 def _machine_info(block_size: int) -> dict:
@@ -788,3 +827,54 @@ def _calibrate_grid(
         **_machine_info(block_size),
     }
     return CostModel.fit(features, durations, model=model_identity(model), info=info)
+
+
+# -- fidelity ---------------------------------------------------------------------------------
+
+FIDELITY_METRICS = ("ttft", "tpot", "e2e")
+FIDELITY_PERCENTILES = ("p50", "p90")
+
+
+def fidelity(
+    model: Model,
+    workloads: Mapping[str, Workload],
+    cost_model: Any,
+    *,
+    schedulers: Sequence[Any] = ("fcfs", "sarathi"),
+    allocator: Any = "paged",
+    metrics: Sequence[str] = FIDELITY_METRICS,
+    percentiles: Sequence[str] = FIDELITY_PERCENTILES,
+    **engine_kwargs: Any,
+) -> Any:
+    """Each workload under each scheduler, measured (the real engine, measured clock) and
+    simulated (`cost_model`): a DataFrame with one row per (workload, scheduler, metric,
+    percentile) and columns measured, simulated and error (simulated / measured - 1)."""
+    from cortexlab.experiment import label, run_workload
+
+    import pandas as pd
+
+    if not isinstance(workloads, Mapping) or not workloads:
+        raise ValueError(f"workloads must be a non-empty dict name -> Workload, got {workloads!r}")
+    rows = []
+    for name, workload in workloads.items():
+        for scheduler in schedulers:
+            common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
+            measured = run_workload(model, workload, **common).summary
+            simulated = run_workload(
+                model, workload, backend="sim", cost_model=cost_model, **common
+            ).summary
+            for metric in metrics:
+                for p in percentiles:
+                    key = f"{metric}_{p}"
+                    rows.append(
+                        {
+                            "workload": name,
+                            "scheduler": label(scheduler),
+                            "metric": metric,
+                            "percentile": p,
+                            "measured": measured[key],
+                            "simulated": simulated[key],
+                            "error": simulated[key] / measured[key] - 1,
+                        }
+                    )
+    return pd.DataFrame(rows)

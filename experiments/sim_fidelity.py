@@ -1,0 +1,95 @@
+"""Simulator fidelity: does a calibrated cost model reproduce measured latencies?
+
+Two workloads calibration never saw (Poisson arrivals, and bursty Gamma arrivals with
+log-normal prompts; their own seeds, rates and lengths) run under fcfs and sarathi with the
+paged allocator, once on the real engine (measured clock: idle gaps skipped, each step's
+compute timed) and once simulated with the cost model. Prints one row per workload,
+scheduler, metric (TTFT, TPOT, E2E) and percentile (p50, p90): measured, simulated, error.
+Exits 1 if any error exceeds --tolerance (default 10%).
+
+    python experiments/sim_fidelity.py                    # calibrate here first (~3 min)
+    python experiments/sim_fidelity.py --cost-model default    # the shipped calibration
+    python experiments/sim_fidelity.py --cost-model FILE       # a saved calibration
+
+Calibrating in the same session measures the simulator under the load the measured runs
+see; on a shared CPU that load moves, and the measured side with it.
+"""
+
+# cortexlab must be imported before mlx: it loads the fast BLAS that MLX then binds to.
+import cortexlab as cl  # noqa: I001
+
+import argparse
+import sys
+import time
+
+from cortexlab.workloads import LogNormal, Uniform
+
+import pandas as pd
+
+
+def fidelity_workloads(quick: bool = False) -> dict:
+    """The workloads checked: none is a calibration workload (`cl.sim.calibration_workloads`)."""
+    n = 12 if quick else 20
+    return {
+        "poisson": cl.workloads.poisson(
+            1.0, num_requests=n, prompt_len=Uniform(16, 256), output_len=Uniform(16, 64), seed=1
+        ),
+        "gamma": cl.workloads.gamma(
+            1.0,
+            3.0,
+            num_requests=n,
+            prompt_len=LogNormal(120, 0.8, low=8, high=600),
+            output_len=Uniform(8, 48),
+            seed=2,
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    parser.add_argument(
+        "--cost-model",
+        default="calibrate",
+        help="'calibrate' (fit here first, default), 'default' (shipped) or a JSON file",
+    )
+    parser.add_argument("--schedulers", default="fcfs,sarathi", help="comma-separated")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="largest |error| allowed")
+    parser.add_argument("--quick", action="store_true", help="12 requests per workload, not 20")
+    parser.add_argument("--save", default=None, help="write the table as CSV")
+    args = parser.parse_args(argv)
+
+    model = cl.load_model(args.model)
+    engine = dict(cl.sim.CALIBRATION_ENGINE)
+    t0 = time.perf_counter()
+    if args.cost_model == "calibrate":
+        print("calibrating on the calibration workloads...", file=sys.stderr)
+        cost_model = cl.sim.calibrate(model)
+        print(
+            f"  {cost_model.info['num_points']} steps in {time.perf_counter() - t0:.0f} s, "
+            f"step error mean {cost_model.info['mean_rel_error']:.1%}",
+            file=sys.stderr,
+        )
+    elif args.cost_model == "default":
+        cost_model = cl.sim.default_cost_model(model)
+    else:
+        cost_model = cl.sim.CostModel.load(args.cost_model, model)
+    schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    table = cl.sim.fidelity(
+        model, fidelity_workloads(args.quick), cost_model, schedulers=schedulers, **engine
+    )
+    shown = table.assign(error=(100 * table["error"]).map(lambda e: f"{e:+.1f}%"))
+    with pd.option_context("display.width", 120, "display.float_format", "{:.3f}".format):
+        print(shown.to_string(index=False))
+    worst = table["error"].abs().max()
+    print(
+        f"\nworst |error| {worst:.1%} (tolerance {args.tolerance:.0%}); engine {engine}; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    if args.save:
+        table.to_csv(args.save, index=False)
+    return 1 if worst > args.tolerance else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
