@@ -51,6 +51,8 @@ __all__ = [
     "ShapedModel",
     "default_cost_model",
     "fidelity",
+    "load_factor",
+    "probe_seconds",
     "get_hardware",
     "get_shape",
     "kv_budget",
@@ -235,6 +237,18 @@ class CostModel:
             for k, v in self.memory.items()
         )
         return self.step_s + max(compute, memory)
+
+    def scaled(self, factor: float) -> CostModel:
+        """This cost model with every step `factor` times as long (a machine that much
+        slower, e.g. busier than when it was calibrated); `info` records the factor."""
+        factor = _check_seconds("scaled factor", factor)
+        memory = None if self.memory is None else {k: v * factor for k, v in self.memory.items()}
+        return CostModel(
+            **{k: v * factor for k, v in self.coefficients.items()},
+            model=self.model,
+            info={**self.info, "scaled": factor * self.info.get("scaled", 1.0)},
+            memory=memory,
+        )
 
     def predict(self, rows: Sequence[RowWork]) -> float:
         """Seconds a step over these rows takes."""
@@ -703,6 +717,40 @@ def profile_engine(
     return [features[s] for s in steps], [durations[s] for s in steps]
 
 
+def _probe_workload() -> Workload:
+    from cortexlab import workloads as wl
+
+    return wl.burst(4, prompt_len=wl.Fixed(96), output_len=wl.Fixed(8), seed=0)
+
+
+def probe_seconds(model: Model, **engine_kwargs: Any) -> float:
+    """Seconds the real engine computes a fixed small probe (4 prompts of 96 tokens, 8
+    tokens each): how fast this machine runs the model right now. `calibrate` records it
+    (``info["probe_seconds"]``), so `fidelity` can tell how much busier the machine is
+    when it measures."""
+    return float(sum(profile_engine(model, _probe_workload(), **engine_kwargs)[1]))
+
+
+def load_factor(model: Model, cost_model: CostModel, **engine_kwargs: Any) -> float:
+    """How much slower the machine runs the probe now than `cost_model` expects: against the
+    probe timed at calibration, or (none recorded) the cost model's own prediction."""
+    now = probe_seconds(model, **engine_kwargs)
+    reference = cost_model.info.get("probe_seconds")
+    if not isinstance(reference, int | float) or reference <= 0:
+        features, _ = profile_engine(model, _probe_workload(), **engine_kwargs)
+        reference = sum(cost_model(f) for f in features)
+    return now / reference if reference > 0 else 1.0
+
+
+def warm_up(model: Model, **engine_kwargs: Any) -> None:
+    """A few untimed requests through the real engine: the first steps of a process pay
+    for MLX's allocations and caches, which no later step does."""
+    from cortexlab import workloads as wl
+
+    warm = wl.burst(4, prompt_len=wl.Uniform(16, 64), output_len=wl.Fixed(4), seed=0)
+    profile_engine(model, warm, **engine_kwargs)
+
+
 def calibrate(
     model: Model,
     *,
@@ -744,11 +792,8 @@ def calibrate(
         raise ValueError(f"schedulers must be a non-empty list of schedulers, got {schedulers!r}")
     engine = {**CALIBRATION_ENGINE, **engine_kwargs, "block_size": block_size}
     t0 = time.perf_counter()
-    # Warm-up, untimed: the first steps of a process pay for MLX's allocations and caches.
-    from cortexlab import workloads as wl
-
-    warm = wl.burst(4, prompt_len=wl.Uniform(16, 64), output_len=wl.Fixed(4), seed=0)
-    profile_engine(model, warm, scheduler=schedulers[0], **engine)
+    warm_up(model, scheduler=schedulers[0], **engine)
+    probes = [probe_seconds(model, **engine)]
     features: list[BatchFeatures] = []
     durations: list[float] = []
     for workload in workloads:
@@ -756,12 +801,15 @@ def calibrate(
             f, d = profile_engine(model, workload, scheduler=scheduler, **engine)
             features += f
             durations += d
+    probes.append(probe_seconds(model, **engine))
     info = {
         "method": "engine",
         "workloads": [repr(w) for w in workloads],
         "schedulers": [getattr(s, "name", None) or str(s) for s in schedulers],
         "engine": {k: v for k, v in engine.items() if isinstance(v, int | float | str)},
         "num_steps": len(durations),
+        # The probe before and after: how fast the machine ran while calibrating.
+        "probe_seconds": sum(probes) / len(probes),
         "seconds": round(time.perf_counter() - t0, 1),
         **_machine_info(block_size),
     }
@@ -844,37 +892,58 @@ def fidelity(
     allocator: Any = "paged",
     metrics: Sequence[str] = FIDELITY_METRICS,
     percentiles: Sequence[str] = FIDELITY_PERCENTILES,
+    track_load: bool = False,
     **engine_kwargs: Any,
 ) -> Any:
     """Each workload under each scheduler, measured (the real engine, measured clock) and
     simulated (`cost_model`): a DataFrame with one row per (workload, scheduler, metric,
-    percentile) and columns measured, simulated and error (simulated / measured - 1)."""
+    percentile) and columns measured, simulated and error (simulated / measured - 1).
+
+    `track_load=True` times the `probe_seconds` probe before and after each measured run and
+    simulates that run with the cost model scaled by their mean `load_factor` (column
+    load_factor; simulated_fixed and error_fixed keep the unscaled model's numbers): on a
+    shared machine whose speed moves with other work, this separates the simulator's error
+    from the change of load since calibration.
+    """
     from cortexlab.experiment import label, run_workload
 
     import pandas as pd
 
     if not isinstance(workloads, Mapping) or not workloads:
         raise ValueError(f"workloads must be a non-empty dict name -> Workload, got {workloads!r}")
+    if not isinstance(track_load, bool):
+        raise ValueError(f"track_load must be a bool, got {track_load!r}")
+    cost_model = check_simulation("simulated", cost_model, model)
+    warm_up(model, **engine_kwargs)
     rows = []
     for name, workload in workloads.items():
         for scheduler in schedulers:
             common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
+            factor = load_factor(model, cost_model, **engine_kwargs) if track_load else 1.0
             measured = run_workload(model, workload, **common).summary
-            simulated = run_workload(
-                model, workload, backend="sim", cost_model=cost_model, **common
-            ).summary
+            if track_load:
+                factor = (factor + load_factor(model, cost_model, **engine_kwargs)) / 2
+            fixed = run_workload(model, workload, backend="sim", cost_model=cost_model, **common)
+            scaled = fixed
+            if track_load:
+                scaled = run_workload(
+                    model, workload, backend="sim", cost_model=cost_model.scaled(factor), **common
+                )
             for metric in metrics:
                 for p in percentiles:
                     key = f"{metric}_{p}"
-                    rows.append(
-                        {
-                            "workload": name,
-                            "scheduler": label(scheduler),
-                            "metric": metric,
-                            "percentile": p,
-                            "measured": measured[key],
-                            "simulated": simulated[key],
-                            "error": simulated[key] / measured[key] - 1,
-                        }
-                    )
+                    row = {
+                        "workload": name,
+                        "scheduler": label(scheduler),
+                        "metric": metric,
+                        "percentile": p,
+                        "measured": measured[key],
+                        "simulated": scaled.summary[key],
+                        "error": scaled.summary[key] / measured[key] - 1,
+                    }
+                    if track_load:
+                        row["load_factor"] = factor
+                        row["simulated_fixed"] = fixed.summary[key]
+                        row["error_fixed"] = fixed.summary[key] / measured[key] - 1
+                    rows.append(row)
     return pd.DataFrame(rows)

@@ -7,6 +7,12 @@ compute timed) and once simulated with the cost model. Prints one row per worklo
 scheduler, metric (TTFT, TPOT, E2E) and percentile (p50, p90): measured, simulated, error.
 Exits 1 if any error exceeds --tolerance (default 10%).
 
+A shared CPU's speed moves with other work, by 2x within minutes here, and a measured run
+moves with it. So by default a fixed probe (`cl.sim.probe_seconds`) is timed before and
+after each measured run and the simulation of that run uses the cost model scaled by how
+much slower the probe ran than at calibration (`load_factor`); `error` is that simulation's,
+`error_fixed` the unscaled cost model's. `--fixed` checks the unscaled model instead.
+
     python experiments/sim_fidelity.py                    # calibrate here first (~3 min)
     python experiments/sim_fidelity.py --cost-model default    # the shipped calibration
     python experiments/sim_fidelity.py --cost-model FILE       # a saved calibration
@@ -57,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10, help="largest |error| allowed")
     parser.add_argument("--quick", action="store_true", help="12 requests per workload, not 20")
     parser.add_argument("--save", default=None, help="write the table as CSV")
+    parser.add_argument(
+        "--fixed",
+        action="store_true",
+        help="no load tracking: simulate every run with the cost model as calibrated",
+    )
     args = parser.parse_args(argv)
 
     model = cl.load_model(args.model)
@@ -76,14 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         cost_model = cl.sim.CostModel.load(args.cost_model, model)
     schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
     table = cl.sim.fidelity(
-        model, fidelity_workloads(args.quick), cost_model, schedulers=schedulers, **engine
+        model,
+        fidelity_workloads(args.quick),
+        cost_model,
+        schedulers=schedulers,
+        track_load=not args.fixed,
+        **engine,
     )
-    shown = table.assign(error=(100 * table["error"]).map(lambda e: f"{e:+.1f}%"))
-    with pd.option_context("display.width", 120, "display.float_format", "{:.3f}".format):
+    shown = table.copy()
+    for column in ("error", "error_fixed"):
+        if column in shown:
+            shown[column] = (100 * shown[column]).map(lambda e: f"{e:+.1f}%")
+    with pd.option_context("display.width", 150, "display.float_format", "{:.3f}".format):
         print(shown.to_string(index=False))
     worst = table["error"].abs().max()
+    fixed = f", unscaled {table['error_fixed'].abs().max():.1%}" if "error_fixed" in table else ""
     print(
-        f"\nworst |error| {worst:.1%} (tolerance {args.tolerance:.0%}); engine {engine}; "
+        f"\nworst |error| {worst:.1%}{fixed} (tolerance {args.tolerance:.0%}); engine {engine}; "
         f"{time.perf_counter() - t0:.0f} s"
     )
     if args.save:

@@ -565,3 +565,26 @@ def test_shaped_models_only_simulate(tiny) -> None:
         cl.sim.shaped_model("llama-2-7b", tokenizer=42)
     with pytest.raises(ValueError, match="leave no KV cache"):
         cl.sim.kv_budget("llama-2-7b", cl.sim.Hardware("tiny-gpu", 1e12, 1e12, 1e11, 8e9))
+
+
+def test_scaled_cost_models_and_load_tracking(tiny, tiny_calibration) -> None:
+    doubled = CM.scaled(2.0)
+    f = batch_features(_rows([10, 1], offsets=[0, 30]))
+    assert doubled(f) == pytest.approx(2 * CM(f), rel=1e-12)
+    assert doubled.scaled(1.5).info["scaled"] == 3.0
+    roof = cl.sim.roofline("llama-2-7b", "h100").scaled(0.5)
+    assert roof.memory["step_s"] == pytest.approx(
+        cl.sim.roofline("llama-2-7b", "h100").memory["step_s"] / 2
+    )
+    with pytest.raises(ValueError, match="scaled factor must be a finite number >= 0"):
+        CM.scaled(-1)
+    assert tiny_calibration.info["probe_seconds"] > 0
+    assert 0 < cl.sim.load_factor(tiny, tiny_calibration) < 100
+    wl = cl.workloads.burst(4, prompt_len=cl.workloads.Fixed(24), output_len=cl.workloads.Fixed(6))
+    table = cl.sim.fidelity(
+        tiny, {"burst": wl}, tiny_calibration, schedulers=["fcfs"], track_load=True
+    )
+    assert {"load_factor", "simulated_fixed", "error_fixed"} <= set(table.columns)
+    assert (table["load_factor"] > 0).all()
+    with pytest.raises(ValueError, match="workloads must be a non-empty dict"):
+        cl.sim.fidelity(tiny, [wl], tiny_calibration)
