@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         action="store_true",
         help="time the forward pass alone on a grid of batch shapes (quicker, leaves out "
-        "the engine's scheduling and sampling)",
+        "the engine's scheduling and sampling; default: off)",
     )
     return parser
 
