@@ -725,21 +725,19 @@ def _probe_workload() -> Workload:
 
 def probe_seconds(model: Model, **engine_kwargs: Any) -> float:
     """Seconds the real engine computes a fixed small probe (4 prompts of 96 tokens, 8
-    tokens each): how fast this machine runs the model right now. `calibrate` records it
-    (``info["probe_seconds"]``), so `fidelity` can tell how much busier the machine is
-    when it measures."""
+    tokens each): how fast this machine runs the model right now (`calibrate` records it
+    before and after, ``info["probe_seconds"]``; `load_factor` compares it with the cost
+    model)."""
     return float(sum(profile_engine(model, _probe_workload(), **engine_kwargs)[1]))
 
 
 def load_factor(model: Model, cost_model: CostModel, **engine_kwargs: Any) -> float:
-    """How much slower the machine runs the probe now than `cost_model` expects: against the
-    probe timed at calibration, or (none recorded) the cost model's own prediction."""
-    now = probe_seconds(model, **engine_kwargs)
-    reference = cost_model.info.get("probe_seconds")
-    if not isinstance(reference, int | float) or reference <= 0:
-        features, _ = profile_engine(model, _probe_workload(), **engine_kwargs)
-        reference = sum(cost_model(f) for f in features)
-    return now / reference if reference > 0 else 1.0
+    """How much slower the real engine runs the `probe_seconds` probe now than `cost_model`
+    predicts for the same steps (> 1: the machine is busier than while calibrating). The
+    reference is the fit over every calibration step, steadier than a probe timed then."""
+    features, durations = profile_engine(model, _probe_workload(), **engine_kwargs)
+    predicted = sum(cost_model(f) for f in features)
+    return sum(durations) / predicted if predicted > 0 else 1.0
 
 
 def warm_up(model: Model, **engine_kwargs: Any) -> None:

@@ -10,7 +10,7 @@ Exits 1 if any error exceeds --tolerance (default 10%).
 A shared CPU's speed moves with other work, by 2x within minutes here, and a measured run
 moves with it. So by default a fixed probe (`cl.sim.probe_seconds`) is timed before and
 after each measured run and the simulation of that run uses the cost model scaled by how
-much slower the probe ran than at calibration (`load_factor`); `error` is that simulation's,
+much slower the probe ran than the cost model predicts (`load_factor`); `error` is that simulation's,
 `error_fixed` the unscaled cost model's. `--fixed` checks the unscaled model instead.
 
     python experiments/sim_fidelity.py                    # calibrate here first (~3 min)
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10, help="largest |error| allowed")
     parser.add_argument("--quick", action="store_true", help="12 requests per workload, not 20")
     parser.add_argument("--save", default=None, help="write the table as CSV")
+    parser.add_argument("--save-cost-model", default=None, help="write the calibration used")
     parser.add_argument(
         "--fixed",
         action="store_true",
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         cost_model = cl.sim.default_cost_model(model)
     else:
         cost_model = cl.sim.CostModel.load(args.cost_model, model)
+    if args.save_cost_model:
+        cost_model.save(args.save_cost_model)
     schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
     table = cl.sim.fidelity(
         model,
