@@ -684,11 +684,16 @@ CALIBRATION_ENGINE = {"max_num_batched_tokens": 512}
 
 
 def profile_engine(
-    model: Model, workload: Workload, *, scheduler: Any = "fcfs", **engine_kwargs: Any
+    model: Model,
+    workload: Workload,
+    *,
+    scheduler: Any = "fcfs",
+    trace: Any = None,
+    **engine_kwargs: Any,
 ) -> tuple[list[BatchFeatures], list[float]]:
     """Run `workload` on the real engine (measured clock); each step's features and its
     measured duration, the whole step as the engine times it (scheduling, forward pass,
-    sampling, bookkeeping)."""
+    sampling, bookkeeping). A `trace` (``cl.Trace()``) records the run as well."""
     from cortexlab.engine import Engine
 
     engine = Engine(model, scheduler=scheduler, clock="measured", **engine_kwargs)
@@ -707,7 +712,7 @@ def profile_engine(
 
     engine.runner.forward = recording_forward
     start = engine.clock.now()
-    with engine.hooks({"step.end": on_end}):
+    with engine.hooks({} if trace is None else trace.hooks), engine.hooks({"step.end": on_end}):
         for index, r in enumerate(workload.iter_materialize(model)):
             engine.submit(
                 r.prompt_token_ids, r.params, request_id=index, arrival_time=start + r.arrival_time
@@ -895,7 +900,9 @@ def fidelity(
 ) -> Any:
     """Each workload under each scheduler, measured (the real engine, measured clock) and
     simulated (`cost_model`): a DataFrame with one row per (workload, scheduler, metric,
-    percentile) and columns measured, simulated and error (simulated / measured - 1).
+    percentile) and columns measured, simulated and error (simulated / measured - 1), and
+    step_ratio: the cost model's durations of the measured run's own steps over their
+    measured durations (1 when it prices each step right, whatever the scheduling did).
 
     `track_load=True` times the `probe_seconds` probe before and after each measured run and
     simulates that run with the cost model scaled by their mean `load_factor` (column
@@ -904,6 +911,7 @@ def fidelity(
     from the change of load since calibration.
     """
     from cortexlab.experiment import label, run_workload
+    from cortexlab.trace import Trace
 
     import pandas as pd
 
@@ -918,7 +926,10 @@ def fidelity(
         for scheduler in schedulers:
             common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
             factor = load_factor(model, cost_model, **engine_kwargs) if track_load else 1.0
-            measured = run_workload(model, workload, **common).summary
+            trace = Trace()
+            features, durations = profile_engine(model, workload, trace=trace, **common)
+            measured = trace.summary()
+            step_ratio = sum(cost_model(f) for f in features) / sum(durations)
             if track_load:
                 factor = (factor + load_factor(model, cost_model, **engine_kwargs)) / 2
             fixed = run_workload(model, workload, backend="sim", cost_model=cost_model, **common)
@@ -938,6 +949,7 @@ def fidelity(
                         "measured": measured[key],
                         "simulated": scaled.summary[key],
                         "error": scaled.summary[key] / measured[key] - 1,
+                        "step_ratio": step_ratio,
                     }
                     if track_load:
                         row["load_factor"] = factor

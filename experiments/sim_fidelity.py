@@ -7,11 +7,13 @@ compute timed) and once simulated with the cost model. Prints one row per worklo
 scheduler, metric (TTFT, TPOT, E2E) and percentile (p50, p90): measured, simulated, error.
 Exits 1 if any error exceeds --tolerance (default 10%).
 
-A shared CPU's speed moves with other work, by 2x within minutes here, and a measured run
-moves with it. So by default a fixed probe (`cl.sim.probe_seconds`) is timed before and
-after each measured run and the simulation of that run uses the cost model scaled by how
-much slower the probe ran than the cost model predicts (`load_factor`); `error` is that simulation's,
-`error_fixed` the unscaled cost model's. `--fixed` checks the unscaled model instead.
+step_ratio is the cost model's price of the measured run's own steps over their measured
+durations: 1 when each step is priced right, whatever the scheduling did; it shows how
+much of an error is the machine's speed. A shared CPU's speed moves with other work, by
+2-3x within minutes here, and a measured run moves with it. `--track-load` times a fixed
+probe (`cl.sim.probe_seconds`) before and after each measured run and simulates that run
+with the cost model scaled by how much slower the probe ran than the cost model predicts
+(`load_factor`); `error` is then that simulation's, `error_fixed` the unscaled model's.
 
     python experiments/sim_fidelity.py                    # calibrate here first (~3 min)
     python experiments/sim_fidelity.py --cost-model default    # the shipped calibration
@@ -65,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", default=None, help="write the table as CSV")
     parser.add_argument("--save-cost-model", default=None, help="write the calibration used")
     parser.add_argument(
-        "--fixed",
+        "--track-load",
         action="store_true",
-        help="no load tracking: simulate every run with the cost model as calibrated",
+        help="scale the cost model per run by a probe's slowdown (see above)",
     )
     args = parser.parse_args(argv)
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         fidelity_workloads(args.quick),
         cost_model,
         schedulers=schedulers,
-        track_load=not args.fixed,
+        track_load=args.track_load,
         **engine,
     )
     shown = table.copy()
