@@ -364,7 +364,7 @@ def kv_budget(
     return budget
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)  # Model's short repr, not every field
 class ShapedModel(Model):
     """A `Model` with a shape and a tokenizer but no weights: only a simulated engine
     (``clock="simulated"``, ``backend="sim"``) runs it. Its KV accounting uses the shape's
