@@ -219,6 +219,8 @@ def calibrate(
     only the runner's forward pass and a greedy argmax are timed on each shape, `repeats`
     times after a warm-up, keeping the fastest: a quick sketch of the forward pass alone.
     """
+    from cortexlab.experiment import _fresh
+
     if not isinstance(model, Model):
         raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
@@ -242,7 +244,7 @@ def calibrate(
     durations: list[float] = []
     for workload in workloads:
         for scheduler in schedulers:
-            f, d = profile_engine(model, workload, scheduler=scheduler, **engine)
+            f, d = profile_engine(model, workload, scheduler=_fresh(scheduler), **engine)
             features += f
             durations += d
     probes.append(probe_seconds(model, **engine))
@@ -351,7 +353,7 @@ def fidelity(
     shared machine whose speed moves with other work, this separates the simulator's error
     from the change of load since calibration.
     """
-    from cortexlab.experiment import label, run_workload
+    from cortexlab.experiment import _fresh, label, run_workload
     from cortexlab.trace import Trace
 
     import pandas as pd
@@ -368,7 +370,9 @@ def fidelity(
             common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
             factor = load_factor(model, cost_model, **engine_kwargs) if track_load else 1.0
             trace = Trace()
-            features, durations = profile_engine(model, workload, trace=trace, **common)
+            # Fresh copies of policy objects, as run_workload makes for the simulated run.
+            fresh = {**common, "scheduler": _fresh(scheduler), "allocator": _fresh(allocator)}
+            features, durations = profile_engine(model, workload, trace=trace, **fresh)
             measured = trace.summary()
             step_ratio = sum(cost_model(f) for f in features) / sum(durations)
             if track_load:
