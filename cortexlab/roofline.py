@@ -22,12 +22,15 @@ from __future__ import annotations
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cortexlab.models.base import Model, TokenizerLike
 
 import mlx.core as mx
 import mlx.nn as nn
+
+if TYPE_CHECKING:
+    from cortexlab.sim import CostModel
 
 __all__ = [
     "HARDWARE",
@@ -298,7 +301,7 @@ def roofline(
     compute_efficiency: float = 0.6,
     memory_efficiency: float = 0.8,
     step_overhead_s: float = 0.0,
-) -> Any:
+) -> CostModel:
     """An estimated `CostModel` for `shape` on `hardware`: ``step_overhead_s + max(compute,
     memory)`` per step, from FLOPs at ``peak x compute_efficiency`` and bytes at
     ``bandwidth x memory_efficiency`` (both in (0, 1]; 1 gives the ideal roofline).
@@ -309,7 +312,7 @@ def roofline(
     written, fp32 logits per sampled row. An estimate; see this module's
     docstring for what it ignores.
     """
-    from cortexlab.sim import CostModel
+    from cortexlab.sim import CostModel  # here: cortexlab.sim imports this module
 
     shape, hardware = get_shape(shape), get_hardware(hardware)
     ce = _positive("roofline", "compute_efficiency", compute_efficiency, high=1.0)
