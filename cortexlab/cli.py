@@ -1,4 +1,4 @@
-"""The `cortexlab` command: `info`, `generate` and `compare` (the main job)."""
+"""The `cortexlab` command: `info`, `generate`, `compare` (the main job) and `calibrate`."""
 
 from __future__ import annotations
 
@@ -116,6 +116,31 @@ def _compare(args: argparse.Namespace) -> int:
     return run_compare(model, options)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import cortexlab as cl
+
+    model = _load_model(args.model)
+    output = args.output or cl.sim.shipped_path(model.name)
+    if output is None:
+        raise UsageError(
+            f"cortexlab calibrate: no calibration ships for {model.name!r}; pass --output FILE"
+        )
+    grid = cl.sim.DEFAULT_GRID if args.grid else None
+    print(f"calibrating {model.name} on this machine (a few minutes)...", file=sys.stderr)
+    t0 = time.perf_counter()
+    cost_model = cl.sim.calibrate(model, grid=grid)
+    path = cost_model.save(output)
+    for name, value in cost_model.coefficients.items():
+        print(f"{name:>18}: {value:.4g} s")
+    info = cost_model.info
+    print(
+        f"[{info['num_points']} points, step error mean {info['mean_rel_error']:.1%}, max "
+        f"{info['max_rel_error']:.1%}; {time.perf_counter() - t0:.0f} s] wrote {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser, *, max_num_seqs: int) -> None:
     parser.add_argument(
         "--model",
@@ -201,6 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_flags(cmp)
     # Four seats: at the default rate a queue forms, so the order a policy picks matters.
     _add_engine_flags(cmp, max_num_seqs=4)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit the simulator's cost model to this machine (cl.sim.calibrate)",
+        description="Run the calibration workloads through the real engine and fit the "
+        "simulator's cost model to every step's measured duration. For the embedded model "
+        "the file shipped with cortexlab (cost_model='default') is rewritten unless "
+        "--output is given.",
+    )
+    cal.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a local mlx-lm model folder, or 'tiny-random' "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    cal.add_argument(
+        "--output", default=None, help="JSON file to write (default: the shipped calibration)"
+    )
+    cal.add_argument(
+        "--grid",
+        action="store_true",
+        help="time the forward pass alone on a grid of batch shapes (quicker, leaves out "
+        "the engine's scheduling and sampling; default: off)",
+    )
     return parser
 
 
@@ -208,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cortexlab` command."""
     try:
         args = build_parser().parse_args(argv)
-        return {"info": _info, "generate": _generate, "compare": _compare}[args.command](args)
+        commands = {
+            "info": _info,
+            "generate": _generate,
+            "compare": _compare,
+            "calibrate": _calibrate,
+        }
+        return commands[args.command](args)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -299,6 +299,12 @@ def check_engine_options(*, check_policies: object, stall_timeout: object, max_h
         raise ValueError(f"max_history must be an int >= 0, got {max_history!r}")
 
 
+def _memory_for(model: Any) -> int | None:
+    """This machine's memory, or None (no limit) for a weightless shaped model, whose
+    simulated arena holds nothing here (cortexlab/roofline.py)."""
+    return None if getattr(model, "shape", None) is not None else physical_memory_bytes()
+
+
 def check_arena_size(model: Any, *, num_blocks: int, block_size: int) -> None:
     """ValueError unless an arena of `num_blocks` x `block_size` fits MLX and this machine."""
     rows = (num_blocks + 1) * model.num_kv_heads * block_size
@@ -309,7 +315,7 @@ def check_arena_size(model: Any, *, num_blocks: int, block_size: int) -> None:
             f"layer; MLX indexes at most 2**31 - 1, so num_blocks must be <= {most}"
         )
     need = num_blocks * block_size * model.kv_bytes_per_token
-    have = physical_memory_bytes()
+    have = _memory_for(model)
     if have is not None and need > have:
         most = have // (block_size * model.kv_bytes_per_token)
         raise ValueError(
@@ -326,7 +332,7 @@ def resolve_num_blocks(
     per_block = model.kv_bytes_per_token * block_size
     if num_blocks is None:
         kv_memory_bytes = check_positive_int("kv_memory_bytes", kv_memory_bytes)
-        have = physical_memory_bytes()
+        have = _memory_for(model)
         if have is not None and kv_memory_bytes > have:
             raise ValueError(
                 f"kv_memory_bytes={kv_memory_bytes} ({_gib(kv_memory_bytes)}) exceeds this "

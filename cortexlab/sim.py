@@ -6,7 +6,11 @@ pass runs and nothing is written to the KV arena; each step lasts what the `Cost
 says its batch costs, and every sampled row gets one placeholder token (never EOS), so a
 workload's request (``max_tokens = output_len``, ``ignore_eos``) emits exactly its output
 length. The cost model is linear in a few batch features, with named coefficients that
-`calibrate` fits by least squares to the real engine's step times on this machine.
+`calibrate` (cortexlab/calibration.py) fits to the real engine's step times on this
+machine; a calibration of the embedded model ships (`default_cost_model`,
+``cost_model="default"``). `roofline` (cortexlab/roofline.py) estimates one for named
+hardware from a model's shapes instead, and `shaped_model` simulates a model whose weights
+are not here. Guide: docs/sim.md.
 """
 
 from __future__ import annotations
@@ -14,37 +18,77 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import platform
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from cortexlab.models.base import Model
-from cortexlab.runner import ATTENTION_CHUNK, MAX_PADDING_TOKENS, RowWork, Runner, group_rows
+from cortexlab.roofline import (
+    HARDWARE,
+    MODEL_SHAPES,
+    Hardware,
+    ModelShape,
+    ShapedModel,
+    get_hardware,
+    get_shape,
+    kv_budget,
+    roofline,
+    shaped_model,
+)
+from cortexlab.runner import ATTENTION_CHUNK, MAX_PADDING_TOKENS, RowWork, group_rows
 from cortexlab.sampling import Sampler
 
 import mlx.core as mx
 import numpy as np
 
 __all__ = [
+    "HARDWARE",
+    "MODEL_SHAPES",
+    "CALIBRATION_ENGINE",
+    "CALIBRATION_SCHEDULERS",
+    "DEFAULT_GRID",
+    "FIDELITY_METRICS",
+    "FIDELITY_PERCENTILES",
     "BatchFeatures",
     "CostModel",
+    "Hardware",
+    "ModelShape",
     "NullArena",
+    "ShapedModel",
     "SimulatedRunner",
     "SimulatedSampler",
     "batch_features",
     "calibrate",
+    "calibration_workloads",
+    "default_cost_model",
+    "fidelity",
+    "get_hardware",
+    "get_shape",
+    "kv_budget",
+    "load_factor",
     "model_identity",
     "placeholder_token",
+    "probe_seconds",
+    "profile_engine",
+    "roofline",
+    "shaped_model",
+    "shipped_path",
+    "warm_up",
 ]
 
 FORMAT = "cortexlab.sim.CostModel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # A logit gap no sampling stage closes: penalties and biases move logits by a few units, so
 # greedy and random sampling alike pick the placeholder token.
 _PLACEHOLDER_GAP = 1e4
+
+
+def _check_seconds(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number >= 0, else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class BatchFeatures(NamedTuple):
@@ -56,6 +100,9 @@ class BatchFeatures(NamedTuple):
     num_padding_tokens: int  # slots the runner pads its groups with (computed, discarded)
     num_sampled_rows: int  # rows whose logits are sampled
     num_forwards: int  # forward passes the runner makes (groups x attention waves)
+    # (query, key) pairs attention scores: a row with c cached and n new tokens has
+    # n*c + n(n+1)/2 (causal); equals num_context_tokens for an all-decode step.
+    num_attention_pairs: int = 0
 
 
 def _layout(lengths: Sequence[int]) -> tuple[int, int]:
@@ -89,6 +136,9 @@ def batch_features(rows: Sequence[RowWork]) -> BatchFeatures:
         num_padding_tokens=padding,
         num_sampled_rows=sum(1 for r in rows if r.needs_logits),
         num_forwards=forwards,
+        num_attention_pairs=sum(
+            n * r.offset + n * (n + 1) // 2 for r, n in zip(rows, lengths, strict=True)
+        ),
     )
 
 
@@ -108,7 +158,10 @@ _TERMS = {
     "context_token_s": "num_context_tokens",
     "padding_token_s": "num_padding_tokens",
     "sampled_row_s": "num_sampled_rows",
+    "attention_pair_s": "num_attention_pairs",
 }
+# Version 1 files predate the attention term (read with attention_pair_s = 0).
+_TERMS_V1 = tuple(name for name in _TERMS if name != "attention_pair_s")
 
 
 @dataclass(slots=True)
@@ -118,7 +171,12 @@ class CostModel:
     Each coefficient is seconds per unit of its `BatchFeatures` field (``forward_s`` per
     forward pass, ``prefill_token_s`` per prompt token, ...); all finite and >= 0. `model`
     is the identity (`model_identity`) of the model it was calibrated on, or None for a
-    hand-written or hypothetical one; `info` says how it was made (grid, machine, fit error).
+    hand-written or hypothetical one; `info` says how it was made (workloads, machine, fit).
+
+    `memory` (None for a calibrated, linear model) makes it a roofline: the coefficients
+    above are then the compute side (``step_s`` a fixed overhead) and `memory` holds the
+    seconds of bytes moved, by the same names (its ``step_s``: per step), and a step lasts
+    ``step_s + max(compute, memory)`` (see `cortexlab.roofline`).
     """
 
     step_s: float = 0.0
@@ -128,41 +186,72 @@ class CostModel:
     context_token_s: float = 0.0
     padding_token_s: float = 0.0
     sampled_row_s: float = 0.0
+    attention_pair_s: float = 0.0
     model: dict | None = None
     info: dict = field(default_factory=dict)
+    memory: dict | None = None
 
     def __post_init__(self) -> None:
         for name in _TERMS:
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not 0 <= value < math.inf
-            ):
-                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
-            setattr(self, name, float(value))
+            setattr(self, name, _check_seconds(f"CostModel.{name}", getattr(self, name)))
         if self.model is not None and not isinstance(self.model, dict):
             raise ValueError(f"CostModel.model must be a dict or None, got {self.model!r}")
         if not isinstance(self.info, dict):
             raise ValueError(f"CostModel.info must be a dict, got {self.info!r}")
+        if self.memory is not None:
+            allowed = list(_TERMS)
+            if not isinstance(self.memory, Mapping) or not set(self.memory) <= set(allowed):
+                raise ValueError(
+                    f"CostModel.memory must be None or a dict with keys among {allowed}, "
+                    f"got {self.memory!r}"
+                )
+            self.memory = {
+                name: _check_seconds(f"CostModel.memory[{name!r}]", self.memory[name])
+                for name in allowed
+                if name in self.memory
+            }
 
     @property
     def coefficients(self) -> dict[str, float]:
-        """Coefficient name -> value."""
+        """Coefficient name -> value (the compute side of a roofline)."""
         return {name: getattr(self, name) for name in _TERMS}
+
+    @property
+    def is_roofline(self) -> bool:
+        """True when a step lasts ``step_s + max(compute, memory)`` (`memory` is set)."""
+        return self.memory is not None
 
     def __call__(self, features: BatchFeatures) -> float:
         """Seconds a step with these features takes (0 for an empty batch)."""
         if features.num_prefill_tokens + features.num_decode_rows == 0:
             return 0.0
-        return (
-            self.step_s
-            + self.forward_s * features.num_forwards
+        compute = (
+            self.forward_s * features.num_forwards
             + self.prefill_token_s * features.num_prefill_tokens
             + self.decode_row_s * features.num_decode_rows
             + self.context_token_s * features.num_context_tokens
             + self.padding_token_s * features.num_padding_tokens
             + self.sampled_row_s * features.num_sampled_rows
+            + self.attention_pair_s * features.num_attention_pairs
+        )
+        if self.memory is None:
+            return self.step_s + compute
+        memory = sum(
+            v if _TERMS[k] is None else v * getattr(features, _TERMS[k])
+            for k, v in self.memory.items()
+        )
+        return self.step_s + max(compute, memory)
+
+    def scaled(self, factor: float) -> CostModel:
+        """This cost model with every step `factor` times as long (a machine that much
+        slower, e.g. busier than when it was calibrated); `info` records the factor."""
+        factor = _check_seconds("scaled factor", factor)
+        memory = None if self.memory is None else {k: v * factor for k, v in self.memory.items()}
+        return CostModel(
+            **{k: v * factor for k, v in self.coefficients.items()},
+            model=self.model,
+            info={**self.info, "scaled": factor * self.info.get("scaled", 1.0)},
+            memory=memory,
         )
 
     def predict(self, rows: Sequence[RowWork]) -> float:
@@ -179,7 +268,8 @@ class CostModel:
             detail = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
                 f"{source} was calibrated on model {self.model.get('name')!r}, not on "
-                f"{mine['name']!r} ({detail}); calibrate this model with cl.sim.calibrate(model)"
+                f"{mine['name']!r} ({detail}); calibrate this model with cl.sim.calibrate(model) "
+                "or `cortexlab calibrate --model ...`"
             )
 
     def to_dict(self) -> dict:
@@ -189,6 +279,7 @@ class CostModel:
             "version": FORMAT_VERSION,
             "model": self.model,
             "coefficients": self.coefficients,
+            "memory": self.memory,
             "info": self.info,
         }
 
@@ -200,22 +291,31 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "cost model") -> CostModel:
-        """A cost model from `to_dict`'s form; ValueError naming what is wrong."""
+        """A cost model from `to_dict`'s form (this version or 1); ValueError naming what is
+        wrong."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise ValueError(f"{source} is not a cortexlab cost model (no format {FORMAT!r})")
-        if data.get("version") != FORMAT_VERSION:
+        version = data.get("version")
+        if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
             raise ValueError(
-                f"{source} has format version {data.get('version')!r}; this cortexlab reads "
-                f"version {FORMAT_VERSION}: recalibrate with cl.sim.calibrate(model)"
+                f"{source} has format version {version!r}; this cortexlab reads versions 1 "
+                f"to {FORMAT_VERSION}: recalibrate with cl.sim.calibrate(model) or "
+                "`cortexlab calibrate`"
             )
+        names = _TERMS_V1 if version == 1 else tuple(_TERMS)
         coefficients = data.get("coefficients")
-        if not isinstance(coefficients, Mapping) or set(coefficients) != set(_TERMS):
+        if not isinstance(coefficients, Mapping) or set(coefficients) != set(names):
             raise ValueError(
-                f"{source}: coefficients must be exactly {sorted(_TERMS)}, got "
-                f"{sorted(coefficients) if isinstance(coefficients, Mapping) else coefficients!r}"
+                f"{source}: coefficients must be exactly {sorted(names)} (version {version}), "
+                f"got {sorted(coefficients) if isinstance(coefficients, Mapping) else coefficients!r}"
             )
         try:
-            return cls(**coefficients, model=data.get("model"), info=dict(data.get("info") or {}))
+            return cls(
+                **coefficients,
+                model=data.get("model"),
+                info=dict(data.get("info") or {}),
+                memory=data.get("memory"),
+            )
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source}: {exc}") from None
 
@@ -242,8 +342,14 @@ class CostModel:
         *,
         model: dict | None = None,
         info: Mapping | None = None,
+        match_total: bool = False,
     ) -> CostModel:
-        """Non-negative least squares of `durations` on `features` (relative error weighted)."""
+        """Non-negative least squares of `durations` on `features` (relative error weighted).
+
+        `match_total` then scales every coefficient so the predicted durations sum to the
+        measured ones: the relative fit sets the shape, the total removes its bias towards
+        the many short steps (noise on a busy machine only lengthens steps, and a
+        simulated run's latencies are sums of step times)."""
         if len(features) != len(durations) or len(features) == 0:
             raise ValueError(
                 f"fit needs as many durations as features (at least one), got "
@@ -258,10 +364,21 @@ class CostModel:
         )
         # Weight each point by 1/duration: a 5 ms step matters as much as a 500 ms one.
         coef = _nnls(x / y[:, None], np.ones_like(y))
+        scale = 1.0
+        if match_total:
+            # Gross outliers (a step that ran into a burst of other work, 5x its median
+            # ratio and more) would set the total alone: they are left out of it.
+            fitted_y = x @ coef
+            ratio = y / np.maximum(fitted_y, 1e-12)
+            kept = ratio <= 5 * np.median(ratio)
+            if fitted_y[kept].sum() > 0:
+                scale = float(y[kept].sum() / fitted_y[kept].sum())
+        coef = coef * scale
         fitted = dict(zip(_TERMS, coef.tolist(), strict=True))
         predicted = x @ coef
         error = np.abs(predicted - y) / y
         meta = {"num_points": len(y), "max_rel_error": float(error.max())}
+        meta |= {"total_scale": scale} if match_total else {}
         meta["mean_rel_error"] = float(error.mean())
         return cls(**fitted, model=model, info={**meta, **(info or {})})
 
@@ -270,7 +387,8 @@ class CostModel:
             f"<tr><th>{k}</th><td>{v:.4g}</td></tr>" for k, v in self.coefficients.items()
         )
         name = self.model.get("name") if self.model else "no model"
-        return f"<b>CostModel ({name})</b><table>{rows}</table>"
+        kind = "roofline" if self.is_roofline else "linear"
+        return f"<b>CostModel ({name}, {kind})</b><table>{rows}</table>"
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -411,153 +529,83 @@ class SimulatedRunner:
 def check_simulation(clock: str, cost_model: Any, model: Model) -> CostModel | None:
     """The engine's cost model: required with ``clock="simulated"``, refused otherwise.
 
-    A path is loaded with `CostModel.load` (refusing a file calibrated on another model).
+    ``"default"`` is the calibration shipped for `model` (`default_cost_model`); another
+    string or a path is loaded with `CostModel.load` (refusing one calibrated on another
+    model). A weightless `ShapedModel` runs only on the simulated clock.
     """
     if clock != "simulated":
+        if isinstance(model, ShapedModel):
+            raise ValueError(
+                f"{model.name} is a shape without weights (cl.sim.shaped_model): run it with "
+                "clock='simulated' (backend='sim') and a cost model such as "
+                "cl.sim.roofline(shape, 'h100')"
+            )
         if cost_model is not None:
             raise ValueError(f"cost_model is only used with clock='simulated', got clock={clock!r}")
         return None
     if cost_model is None:
         raise ValueError(
-            "clock='simulated' needs a cost_model: load a calibration with "
+            "clock='simulated' needs a cost_model: cost_model='default' for the calibration "
+            "shipped with cortexlab (the embedded model), load one with "
             "cl.sim.CostModel.load(path), fit one on this machine with "
-            "cl.sim.calibrate(model), or write coefficients by hand, e.g. "
+            "cl.sim.calibrate(model) (or `cortexlab calibrate`), estimate one for named "
+            "hardware with cl.sim.roofline(shape, 'h100'), or write coefficients by hand, e.g. "
             "cl.sim.CostModel(step_s=0.005, prefill_token_s=1e-4, decode_row_s=1e-3)"
         )
+    if cost_model == "default":
+        return default_cost_model(model)
     if isinstance(cost_model, str | Path):
         return CostModel.load(cost_model, model)
     if not isinstance(cost_model, CostModel):
         raise ValueError(
-            f"cost_model must be a cl.sim.CostModel or a path to one, got "
+            f"cost_model must be a cl.sim.CostModel, 'default' or a path to one, got "
             f"{type(cost_model).__name__}"
         )
     return cost_model
 
 
-# -- calibration ---------------------------------------------------------------------------
+# -- the shipped calibration --------------------------------------------------------------
 
-# Batch shapes profiled by default: each a tuple of rows (cached tokens, new tokens).
-# Decodes at several batch sizes and contexts, prompts alone and together, and mixed steps.
-DEFAULT_GRID: tuple[tuple[tuple[int, int], ...], ...] = (
-    ((0, 1),),
-    ((64, 1),) * 4,
-    ((256, 1),) * 4,
-    ((32, 1),) * 16,
-    ((256, 1),) * 16,
-    ((0, 16),),
-    ((0, 64),),
-    ((0, 200),),
-    ((0, 64), (0, 56)),
-    ((0, 32),) * 4,
-    ((0, 64), (0, 16)),
-    ((128, 64),),
-    ((64, 1),) * 8 + ((0, 48),),
-    ((128, 1),) * 8 + ((0, 128),),
+DATA_DIR = Path(__file__).parent / "data"
+# Model name -> the calibration shipped for it (regenerate with `cortexlab calibrate`).
+SHIPPED = {"SmolLM2-135M-Instruct": "cost_model_SmolLM2-135M-Instruct.json"}
+
+
+def shipped_path(model_name: str) -> Path | None:
+    """Where the calibration shipped for a model of this name lives (None: none ships)."""
+    name = SHIPPED.get(model_name)
+    return None if name is None else DATA_DIR / name
+
+
+def default_cost_model(model: Model) -> CostModel:
+    """The calibration shipped with cortexlab for `model` (the embedded SmolLM2-135M,
+    unquantized): measured on a 2-core Linux CPU machine (see its ``info``), so a guide to
+    this kind of machine, not to yours. ValueError for any other model, saying how to
+    calibrate it."""
+    path = shipped_path(model.name)
+    if path is None or not path.exists():
+        shipped = ", ".join(sorted(SHIPPED)) or "none"
+        raise ValueError(
+            f"no calibration ships for model {model.name!r} (shipped: {shipped}); fit one "
+            "with cl.sim.calibrate(model) and save it (or run `cortexlab calibrate --model "
+            "... --output FILE`), or estimate one with cl.sim.roofline(shape, hardware)"
+        )
+    return CostModel.load(path, model)
+
+
+# Calibration runs the real engine; it lives in cortexlab/calibration.py (which imports the
+# cost model above), re-exported here as cl.sim.calibrate and so on.
+from cortexlab.calibration import (  # noqa: E402
+    CALIBRATION_ENGINE,
+    CALIBRATION_SCHEDULERS,
+    DEFAULT_GRID,
+    FIDELITY_METRICS,
+    FIDELITY_PERCENTILES,
+    calibrate,
+    calibration_workloads,
+    fidelity,
+    load_factor,
+    probe_seconds,
+    profile_engine,
+    warm_up,
 )
-
-
-def _check_grid(grid: Any, model: Model) -> list[tuple[tuple[int, int], ...]]:
-    """The grid as tuples of (cached, new) int pairs; ValueError naming a bad entry."""
-    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or not grid:
-        raise ValueError(f"grid must be a non-empty list of batch shapes, got {grid!r}")
-    shapes = []
-    for i, shape in enumerate(grid):
-        if isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or not shape:
-            raise ValueError(
-                f"grid[{i}] must be a non-empty list of (cached, new) token counts, got {shape!r}"
-            )
-        rows = []
-        for row in shape:
-            ok = (
-                isinstance(row, Sequence)
-                and len(row) == 2
-                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in row)
-            )
-            if not ok or row[0] < 0 or row[1] < 1 or row[0] + row[1] > model.max_context:
-                raise ValueError(
-                    f"grid[{i}]: each row must be (cached, new) ints with cached >= 0, new >= 1 "
-                    f"and cached + new <= {model.max_context} (the model's context), got {row!r}"
-                )
-            rows.append((int(row[0]), int(row[1])))
-        shapes.append(tuple(rows))
-    return shapes
-
-
-def _shape_rows(shape: Sequence[tuple[int, int]], block_size: int, vocab: int) -> list[RowWork]:
-    """Rows of one batch shape with disjoint block tables and seeded token ids."""
-    rng = np.random.default_rng(0)
-    rows, next_block = [], 0
-    for cached, new in shape:
-        n = -(-(cached + new) // block_size)
-        table = list(range(next_block, next_block + n))
-        next_block += n
-        rows.append(RowWork(table, cached, rng.integers(0, vocab, new).tolist(), True))
-    return rows
-
-
-def calibrate(
-    model: Model,
-    *,
-    grid: Sequence[Sequence[tuple[int, int]]] | None = None,
-    repeats: int = 3,
-    block_size: int = 16,
-) -> CostModel:
-    """Fit a CostModel to the real runner's step times on this machine.
-
-    Each batch shape of `grid` (rows of (cached, new) token counts; default `DEFAULT_GRID`)
-    runs through the real `Runner` on a KV arena, with greedy argmax and the step's one
-    ``mx.eval``, `repeats` times after a warm-up; the fastest time is kept (the least
-    disturbed by other work) and the coefficients are fitted by non-negative least squares,
-    each point weighted by 1/duration (relative error). A sketch of what it measures, not
-    the engine's whole step: scheduling and bookkeeping are left out.
-    """
-    from cortexlab.kv.arena import KVArena
-
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
-    shapes = _check_grid(DEFAULT_GRID if grid is None else grid, model)
-    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral):
-        raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
-    if not 1 <= repeats <= 1000:
-        raise ValueError(f"repeats must be an int in [1, 1000], got {repeats!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    all_rows = [_shape_rows(s, block_size, model.vocab_size) for s in shapes]
-    num_blocks = max(max(r.block_table) for rows in all_rows for r in rows) + 1
-    arena = KVArena(
-        num_layers=model.num_layers,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        num_kv_heads=model.num_kv_heads,
-        head_dim=model.head_dim,
-        dtype=model.dtype,
-    )
-    runner = Runner(model, arena)
-
-    def timed(rows: list[RowWork]) -> float:
-        t0 = time.perf_counter()
-        tokens = mx.argmax(runner.forward(rows), axis=-1)
-        mx.eval(tokens, *arena.arrays)
-        tokens.tolist()
-        return time.perf_counter() - t0
-
-    for rows in all_rows:
-        timed(rows)  # warm-up: arena growth, kernel compilation
-    # Repeats go round the whole grid, so a burst of other work on a shared CPU spoils one
-    # try of several shapes rather than every try of one shape; the fastest try is kept.
-    durations = [math.inf] * len(all_rows)
-    for _ in range(repeats):
-        for i, rows in enumerate(all_rows):
-            durations[i] = min(durations[i], timed(rows))
-    features = [batch_features(rows) for rows in all_rows]
-    info = {
-        "grid": [list(map(list, s)) for s in shapes],
-        "durations": durations,
-        "repeats": repeats,
-        "block_size": block_size,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "mlx": getattr(mx, "__version__", "unknown"),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return CostModel.fit(features, durations, model=model_identity(model), info=info)

@@ -77,6 +77,8 @@ def test_generate_sampling_flags_reach_the_sampler(capsys):
         (["compare", "--loads", "1,-2"], "--loads must be positive"),
         (["compare", "--tenants", "a:x"], "--tenants"),
         (["frobnicate"], "invalid choice"),
+        (["calibrate", "--model", "tiny-random"], "no calibration ships for 'tiny-random'"),
+        (["calibrate", "--model", "no/such/model"], "--model: no model at"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -96,7 +98,7 @@ def test_version(capsys):
 def test_every_flag_has_help_with_its_default():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    for name in ("generate", "compare"):
+    for name in ("generate", "compare", "calibrate"):
         for action in subparsers[name]._actions:
             if action.dest in ("help", "prompts") or not action.option_strings:
                 continue
@@ -137,3 +139,12 @@ def test_compare_writes_results(tmp_path, capsys):
     assert json.loads((folder / "options.json").read_text())["schedulers"] == ["fcfs", "sjf"]
     # A second run reads the other loads from the cache.
     assert any((tmp_path / ".cache").iterdir())
+
+
+def test_calibrate_writes_a_cost_model(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    assert main(["calibrate", "--model", "tiny-random", "--output", str(out)]) == 0
+    cm = cl.sim.CostModel.load(out, cl.load_model("tiny-random"))
+    assert cm.info["method"] == "engine"
+    captured = capsys.readouterr()
+    assert "step_s" in captured.out and f"wrote {out}" in captured.err

@@ -28,7 +28,7 @@ EMBEDDED = "cl.load_model()"
 TINY = 'cl.load_model("tiny-random")'
 CHECK = "__check_equal__"
 # Pages whose examples must exist and be tested (a lost marker would silently test nothing).
-GUIDES = ("engine.md", "schedulers.md", "kv.md", "sampling.md")
+GUIDES = ("engine.md", "schedulers.md", "kv.md", "sampling.md", "sim.md")
 
 
 def example_blocks(page: Path) -> list[tuple[int, str]]:
