@@ -145,7 +145,7 @@ def profile_engine(
     forward = engine.runner.forward
 
     def recording_forward(rows: list[RowWork]) -> mx.array:
-        features[engine.num_steps] = batch_features(rows)
+        features[engine.num_steps] = batch_features(rows, engine.runner.attention_chunk)
         return forward(rows)
 
     def on_end(event: Any) -> None:
@@ -254,6 +254,10 @@ def calibrate(
         "schedulers": [getattr(s, "name", None) or str(s) for s in schedulers],
         "engine": {k: v for k, v in engine.items() if isinstance(v, int | float | str)},
         "num_steps": len(durations),
+        # The runner's prompt pieces: simulated steps count forwards and padding the same way.
+        "attention_chunk": Runner(
+            model, None, fast_activation=engine.get("fast_activation", True)
+        ).attention_chunk,
         # The probe before and after: how fast the machine ran while calibrating.
         "probe_seconds": sum(probes) / len(probes),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -312,10 +316,11 @@ def _calibrate_grid(
     for _ in range(repeats):
         for i, rows in enumerate(all_rows):
             durations[i] = min(durations[i], timed(rows))
-    features = [batch_features(rows) for rows in all_rows]
+    features = [batch_features(rows, runner.attention_chunk) for rows in all_rows]
     info = {
         "method": "grid",
         "grid": [list(map(list, s)) for s in shapes],
+        "attention_chunk": runner.attention_chunk,
         "durations": durations,
         "repeats": repeats,
         **_machine_info(block_size),

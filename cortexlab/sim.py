@@ -105,30 +105,31 @@ class BatchFeatures(NamedTuple):
     num_attention_pairs: int = 0
 
 
-def _layout(lengths: Sequence[int]) -> tuple[int, int]:
+def _layout(lengths: Sequence[int], chunk: int) -> tuple[int, int]:
     """(padding tokens, forward passes) of the real runner for rows of these lengths:
-    rows cut into `ATTENTION_CHUNK` pieces (waves), each wave grouped by `group_rows`."""
+    rows cut into `chunk`-token pieces (waves), each wave grouped by `group_rows`."""
     padding = forwards = 0
     wave = list(lengths)
     while wave:
-        pieces = [min(n, ATTENTION_CHUNK) for n in wave]
+        pieces = [min(n, chunk) for n in wave]
         groups = group_rows(pieces, MAX_PADDING_TOKENS)
         forwards += len(groups)
         for group in groups:
             sizes = [pieces[i] for i in group]
             padding += max(sizes) * len(sizes) - sum(sizes)
-        wave = [n - ATTENTION_CHUNK for n in wave if n > ATTENTION_CHUNK]
+        wave = [n - chunk for n in wave if n > chunk]
     return padding, forwards
 
 
-def batch_features(rows: Sequence[RowWork]) -> BatchFeatures:
-    """The features of one step's rows (as the engine hands them to a runner)."""
+def batch_features(rows: Sequence[RowWork], chunk: int = ATTENTION_CHUNK) -> BatchFeatures:
+    """The features of one step's rows (as the engine hands them to a runner that cuts
+    prompts into `chunk`-token pieces: `Runner.attention_chunk`)."""
     lengths = [len(r.token_ids) for r in rows]
     num_decode = lengths.count(1)
     if num_decode == len(lengths):
         padding, forwards = 0, 1 if lengths else 0  # the common all-decode step: one group
     else:
-        padding, forwards = _layout(lengths)
+        padding, forwards = _layout(lengths, chunk)
     return BatchFeatures(
         num_prefill_tokens=sum(lengths) - num_decode,
         num_decode_rows=num_decode,
@@ -499,6 +500,9 @@ class SimulatedRunner:
     def __init__(self, model: Model, cost_model: CostModel) -> None:
         self.model = model
         self.cost_model = cost_model
+        # Forwards and padding are counted in the layout of the runner it was calibrated on
+        # (the llama fast path cuts prompts into larger pieces than the generic path).
+        self.attention_chunk = int(cost_model.info.get("attention_chunk", ATTENTION_CHUNK))
         self.token = placeholder_token(model)
         row = np.full((1, model.vocab_size), -_PLACEHOLDER_GAP, dtype=np.float32)
         row[0, self.token] = 0.0
@@ -512,7 +516,7 @@ class SimulatedRunner:
         """Placeholder logits [R, V] for the rows with `needs_logits`; prices the step."""
         if not rows:
             raise ValueError("rows must not be empty")
-        features = self.last_features = batch_features(rows)
+        features = self.last_features = batch_features(rows, self.attention_chunk)
         self._duration = self.cost_model(features)
         n = features.num_sampled_rows
         logits = self._logits.get(n)

@@ -6,7 +6,7 @@ import json
 import random
 
 import cortexlab as cl
-from cortexlab.runner import RowWork, group_rows, split_waves
+from cortexlab.runner import RowWork, Runner, group_rows, split_waves
 from cortexlab.sim import BatchFeatures, CostModel, batch_features
 
 import pandas as pd
@@ -588,3 +588,17 @@ def test_scaled_cost_models_and_load_tracking(tiny, tiny_calibration) -> None:
     assert (table["load_factor"] > 0).all()
     with pytest.raises(ValueError, match="workloads must be a non-empty dict"):
         cl.sim.fidelity(tiny, [wl], tiny_calibration)
+
+
+def test_features_follow_the_calibrated_runners_prompt_pieces() -> None:
+    # The llama fast path runs a 300-token prompt as one forward, the generic path as three.
+    rows = _rows([300])
+    assert batch_features(rows).num_forwards == 3
+    assert batch_features(rows, 2048).num_forwards == 1
+    model = cl.models.tiny_random()
+    fitted = cl.sim.calibrate(model, grid=[((0, 300),), ((0, 1),) * 2], repeats=1)
+    assert fitted.info["attention_chunk"] == Runner(model, None).attention_chunk == 2048
+    runner = cl.sim.SimulatedRunner(model, fitted)
+    runner.forward(rows)
+    assert runner.last_features.num_forwards == 1
+    assert cl.sim.SimulatedRunner(model, CM).attention_chunk == 128  # no record: generic
