@@ -16,6 +16,7 @@ from cortexlab.kv import (
     SharingAllocator,
     allocators,
     longest_run,
+    longest_unheld_run,
     slot_mapping,
 )
 
@@ -1011,3 +1012,12 @@ def test_longest_run() -> None:
     assert longest_run([5]) == 1
     assert longest_run([7, 1, 2, 3, 9, 8]) == 3
     assert longest_run(range(10)) == 10
+
+
+@given(st.integers(1, 80).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
+def test_longest_unheld_run_is_the_longest_run_of_the_complement(case) -> None:
+    num_blocks, held = case
+    held = sorted(held)
+    tables = [held[i : i + 3] for i in range(0, len(held), 3)]
+    free = sorted(set(range(num_blocks)) - set(held))
+    assert longest_unheld_run(num_blocks, tables) == longest_run(free)

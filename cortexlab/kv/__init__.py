@@ -10,6 +10,7 @@ from cortexlab.kv.base import (
     OutOfBlocks,
     SharingAllocator,
     longest_run,
+    longest_unheld_run,
     slot_mapping,
 )
 from cortexlab.registry import Registry
@@ -79,6 +80,7 @@ __all__ = [
     "as_allocator",
     "available",
     "longest_run",
+    "longest_unheld_run",
     "register",
     "slot_mapping",
 ]

@@ -7,6 +7,7 @@ Allocators only do the bookkeeping; the tensor arena reads the block tables they
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -250,6 +251,19 @@ def longest_run(block_ids: Iterable[int]) -> int:
     # A new run starts wherever the gap to the previous id is not 1.
     starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
     return int(np.diff(np.append(starts, ids.size)).max())
+
+
+def longest_unheld_run(num_blocks: int, tables: Iterable[Sequence[int]]) -> int:
+    """Length of the longest run of consecutive block ids in [0, num_blocks) that no table
+    holds: `longest_run` of the free ids, from the held ones. An allocator whose free blocks
+    are exactly the unheld ones uses it because tables are usually far smaller than a large
+    arena's free list (an H100-sized simulated arena has tens of thousands of free blocks)."""
+    held = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64)
+    free = np.ones(num_blocks + 2, dtype=np.int8)  # a held sentinel at each end
+    free[0] = free[-1] = 0
+    free[held + 1] = 0
+    edges = np.flatnonzero(np.diff(free))  # alternating starts and ends of free runs
+    return int((edges[1::2] - edges[0::2]).max()) if edges.size else 0
 
 
 def slot_mapping(block_table: Sequence[int], block_size: int, start: int, end: int) -> np.ndarray:
@@ -527,6 +541,9 @@ class BlockAllocator(ABC):
 
     # --- accounting ---------------------------------------------------------------------
 
+    def _largest_free_run_blocks(self) -> int:
+        return longest_run(self.free_block_ids())
+
     def usage(self) -> KVUsage:
         """A snapshot of slot usage."""
         bs = self.block_size
@@ -541,7 +558,7 @@ class BlockAllocator(ABC):
             num_shared_slots=0,
             num_free_blocks=self.num_free_blocks,
             num_sequences=len(self._tables),
-            largest_free_run_blocks=longest_run(self.free_block_ids()),
+            largest_free_run_blocks=self._largest_free_run_blocks(),
             max_sharing=1 if num_held_blocks else 0,
             mean_sharing=1.0 if num_held_blocks else 0.0,
         )

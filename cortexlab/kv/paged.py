@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 
 from cortexlab.kv import register
-from cortexlab.kv.base import BlockAllocator
+from cortexlab.kv.base import BlockAllocator, longest_unheld_run
 
 
 @register("paged")
@@ -26,6 +26,10 @@ class PagedAllocator(BlockAllocator):
     def free_block_ids(self) -> list[int]:
         """Ids of the free blocks, sorted."""
         return sorted(self._free)
+
+    def _largest_free_run_blocks(self) -> int:
+        # A block is free or in a table, so the run is found from the (fewer) held ids.
+        return longest_unheld_run(self.num_blocks, self._tables.values())
 
     def _can_take(self, num_blocks: int) -> bool:
         # Any free block will do, so the count is the whole story.
