@@ -357,6 +357,9 @@ def fidelity(
     load_factor; simulated_fixed and error_fixed keep the unscaled model's numbers): on a
     shared machine whose speed moves with other work, this separates the simulator's error
     from the change of load since calibration.
+
+    ``attrs["traces"]`` holds each (workload, scheduler)'s two Traces, ``{"measured": ...,
+    "simulated": ...}`` (the unscaled simulation), for per-request comparisons and plots.
     """
     from cortexlab.experiment import _fresh, label, run_workload
     from cortexlab.trace import Trace
@@ -369,7 +372,7 @@ def fidelity(
         raise ValueError(f"track_load must be a bool, got {track_load!r}")
     cost_model = check_simulation("simulated", cost_model, model)
     warm_up(model, **engine_kwargs)
-    rows = []
+    rows, traces = [], {}
     for name, workload in workloads.items():
         for scheduler in schedulers:
             common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
@@ -383,6 +386,7 @@ def fidelity(
             if track_load:
                 factor = (factor + load_factor(model, cost_model, **engine_kwargs)) / 2
             fixed = run_workload(model, workload, backend="sim", cost_model=cost_model, **common)
+            traces[name, label(scheduler)] = {"measured": trace, "simulated": fixed.trace}
             scaled = fixed
             if track_load:
                 scaled = run_workload(
@@ -406,4 +410,6 @@ def fidelity(
                         row["simulated_fixed"] = fixed.summary[key]
                         row["error_fixed"] = fixed.summary[key] / measured[key] - 1
                     rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["traces"] = traces
+    return frame

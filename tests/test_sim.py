@@ -586,6 +586,10 @@ def test_scaled_cost_models_and_load_tracking(tiny, tiny_calibration) -> None:
     )
     assert {"load_factor", "simulated_fixed", "error_fixed"} <= set(table.columns)
     assert (table["load_factor"] > 0).all()
+    pair = table.attrs["traces"]["burst", "fcfs"]
+    for trace in pair.values():  # the same four requests, each with all its tokens
+        assert sorted(trace.requests["num_output_tokens"]) == [6] * 4
+    assert pair["measured"].summary()["ttft_p50"] == table.loc[0, "measured"]
     with pytest.raises(ValueError, match="workloads must be a non-empty dict"):
         cl.sim.fidelity(tiny, [wl], tiny_calibration)
 
