@@ -25,8 +25,50 @@ LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "ministral3"})
 _SWIGLU_CALL = "self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"
 _LOG2E = math.log2(math.e)
 
-_fast_activation = contextvars.ContextVar("cortexlab_fast_activation", default=False)
-_subclasses: dict[type, type] = {}
+
+class SwitchedSubclasses:
+    """Per-instance subclasses whose ``__call__`` takes a fast path only inside `enabled()`.
+
+    `patch` gives each instance a subclass of its own class (made once per class) whose
+    ``__call__`` is ``make_call(exact)``, `exact` being the class's own ``__call__``; the fast
+    call asks `is_on()` and falls back to `exact` otherwise, so the model called directly
+    keeps mlx-lm's code. Shared by the SiLU here and the arena attention in fast_attention.py.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._on = contextvars.ContextVar(name, default=False)
+        self._subclasses: dict[type, type] = {}
+
+    def is_on(self) -> bool:
+        """Whether the fast path is switched on in this context."""
+        return self._on.get()
+
+    def is_patched(self, obj) -> bool:
+        """Whether `obj` already has its switchable subclass."""
+        return type(obj) in self._subclasses.values()
+
+    def patch(self, objs, make_call) -> None:
+        """Give each of `objs` its class's switchable subclass (once; idempotent)."""
+        for obj in objs:
+            if self.is_patched(obj):
+                continue
+            cls = type(obj)
+            if cls not in self._subclasses:
+                call = make_call(cls.__call__)
+                self._subclasses[cls] = type(cls.__name__, (cls,), {"__call__": call})
+            obj.__class__ = self._subclasses[cls]
+
+    @contextlib.contextmanager
+    def enabled(self, enabled: bool = True):
+        """Within this block, patched instances build their graph on the fast path."""
+        token = self._on.set(enabled)
+        try:
+            yield
+        finally:
+            self._on.reset(token)
+
+
+_SILU = SwitchedSubclasses("cortexlab_fast_activation")
 
 
 def fast_swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -34,25 +76,20 @@ def fast_swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return gate / (1 + mx.power(2.0, gate * -_LOG2E)) * up
 
 
-def _fast_subclass(cls: type) -> type:
-    if cls not in _subclasses:
-        exact = cls.__call__
+def _fast_mlp_call(exact):
+    def __call__(self, x):
+        if _SILU.is_on():
+            return self.down_proj(fast_swiglu(self.gate_proj(x), self.up_proj(x)))
+        return exact(self, x)
 
-        def __call__(self, x):
-            if _fast_activation.get():
-                return self.down_proj(fast_swiglu(self.gate_proj(x), self.up_proj(x)))
-            return exact(self, x)
-
-        _subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _subclasses[cls]
+    return __call__
 
 
 def _is_swiglu_mlp(mlp) -> bool:
-    cls = type(mlp)
-    if cls in _subclasses.values():
+    if _SILU.is_patched(mlp):
         return True
     try:
-        return _SWIGLU_CALL in inspect.getsource(cls.__call__)
+        return _SWIGLU_CALL in inspect.getsource(type(mlp).__call__)
     except (OSError, TypeError):
         return False
 
@@ -66,17 +103,10 @@ def install_fast_activation(module) -> bool:
     mlps = [getattr(layer, "mlp", None) for layer in layers]
     if not all(m is not None and _is_swiglu_mlp(m) for m in mlps):
         return False
-    for mlp in mlps:
-        if type(mlp) not in _subclasses.values():
-            mlp.__class__ = _fast_subclass(type(mlp))
+    _SILU.patch(mlps, _fast_mlp_call)
     return True
 
 
-@contextlib.contextmanager
 def fast_activation(enabled: bool = True):
     """Within this block, patched MLPs build their graph with the fast SiLU."""
-    token = _fast_activation.set(enabled)
-    try:
-        yield
-    finally:
-        _fast_activation.reset(token)
+    return _SILU.enabled(enabled)

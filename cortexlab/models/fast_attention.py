@@ -21,12 +21,11 @@ As in `fast.py`, nothing in mlx-lm is changed: each attention *instance* gets a 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 import math
 
 from cortexlab.kv.arena import ForwardPlan, PagedLayerCache
+from cortexlab.models.fast import SwitchedSubclasses
 
 import mlx.core as mx
 import numpy as np
@@ -37,8 +36,7 @@ from mlx_lm.models import llama
 QUERY_BLOCK = 64
 _LOG2E = math.log2(math.e)
 
-_fast_attention = contextvars.ContextVar("cortexlab_fast_attention", default=False)
-_subclasses: dict[type, type] = {}
+_ARENA = SwitchedSubclasses("cortexlab_fast_attention")
 
 
 def _code_lines(fn) -> list[str]:
@@ -153,32 +151,27 @@ def _decode_by_blocks(queries: mx.array, cache: PagedLayerCache, scale: float) -
     return out.reshape(g, h, 1, d)
 
 
-def _fast_subclass(cls: type) -> type:
-    if cls not in _subclasses:
-        exact = cls.__call__
+def _fast_attention_call(exact):
+    def __call__(self, x, mask=None, cache=None):
+        if not (_ARENA.is_on() and isinstance(cache, PagedLayerCache)):
+            return exact(self, x, mask=mask, cache=cache)
+        b, length, _ = x.shape
+        queries = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        queries = self.rope(queries, offset=cache.offset)
+        keys = self.rope(keys, offset=cache.offset)
+        out = paged_attention(queries, keys, values, cache, self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
-        def __call__(self, x, mask=None, cache=None):
-            if not (_fast_attention.get() and isinstance(cache, PagedLayerCache)):
-                return exact(self, x, mask=mask, cache=cache)
-            b, length, _ = x.shape
-            queries = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-            keys = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            values = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            queries = self.rope(queries, offset=cache.offset)
-            keys = self.rope(keys, offset=cache.offset)
-            out = paged_attention(queries, keys, values, cache, self.scale)
-            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
-
-        _subclasses[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
-    return _subclasses[cls]
+    return __call__
 
 
 def _is_llama_attention(attn) -> bool:
-    cls = type(attn)
-    if cls in _subclasses.values():
+    if _ARENA.is_patched(attn):
         return True
     try:
-        return _code_lines(cls.__call__) == _LLAMA_CALL
+        return _code_lines(type(attn).__call__) == _LLAMA_CALL
     except (OSError, TypeError):
         return False
 
@@ -194,17 +187,10 @@ def install_fast_attention(module) -> bool:
         return False
     if any(getattr(layer, "use_sliding", False) for layer in layers):
         return False
-    for attn in attns:
-        if type(attn) not in _subclasses.values():
-            attn.__class__ = _fast_subclass(type(attn))
+    _ARENA.patch(attns, _fast_attention_call)
     return True
 
 
-@contextlib.contextmanager
 def fast_attention(enabled: bool = True):
     """Within this block, patched attentions given a `PagedLayerCache` read the arena here."""
-    token = _fast_attention.set(enabled)
-    try:
-        yield
-    finally:
-        _fast_attention.reset(token)
+    return _ARENA.enabled(enabled)
