@@ -218,6 +218,13 @@ class CostModel:
         return {name: getattr(self, name) for name in _TERMS}
 
     @property
+    def attention_chunk(self) -> int:
+        """Prompt piece size of the runner it was calibrated on (`Runner.attention_chunk`,
+        recorded in `info`; the generic path's for a hand-written model): steps it prices
+        count forwards and padding in that layout."""
+        return int(self.info.get("attention_chunk", ATTENTION_CHUNK))
+
+    @property
     def is_roofline(self) -> bool:
         """True when a step lasts ``step_s + max(compute, memory)`` (`memory` is set)."""
         return self.memory is not None
@@ -257,7 +264,7 @@ class CostModel:
 
     def predict(self, rows: Sequence[RowWork]) -> float:
         """Seconds a step over these rows takes."""
-        return self(batch_features(rows))
+        return self(batch_features(rows, self.attention_chunk))
 
     def check_model(self, model: Model, source: str = "this cost model") -> None:
         """ValueError if this cost model was calibrated on a model other than `model`."""
@@ -500,9 +507,6 @@ class SimulatedRunner:
     def __init__(self, model: Model, cost_model: CostModel) -> None:
         self.model = model
         self.cost_model = cost_model
-        # Forwards and padding are counted in the layout of the runner it was calibrated on
-        # (the llama fast path cuts prompts into larger pieces than the generic path).
-        self.attention_chunk = int(cost_model.info.get("attention_chunk", ATTENTION_CHUNK))
         self.token = placeholder_token(model)
         row = np.full((1, model.vocab_size), -_PLACEHOLDER_GAP, dtype=np.float32)
         row[0, self.token] = 0.0
@@ -516,7 +520,7 @@ class SimulatedRunner:
         """Placeholder logits [R, V] for the rows with `needs_logits`; prices the step."""
         if not rows:
             raise ValueError("rows must not be empty")
-        features = self.last_features = batch_features(rows, self.attention_chunk)
+        features = self.last_features = batch_features(rows, self.cost_model.attention_chunk)
         self._duration = self.cost_model(features)
         n = features.num_sampled_rows
         logits = self._logits.get(n)

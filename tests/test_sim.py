@@ -605,4 +605,5 @@ def test_features_follow_the_calibrated_runners_prompt_pieces() -> None:
     runner = cl.sim.SimulatedRunner(model, fitted)
     runner.forward(rows)
     assert runner.last_features.num_forwards == 1
-    assert cl.sim.SimulatedRunner(model, CM).attention_chunk == 128  # no record: generic
+    assert fitted.predict(rows) == fitted(batch_features(rows, 2048))
+    assert CM.attention_chunk == 128  # no record: the generic path's
