@@ -219,8 +219,6 @@ def calibrate(
     only the runner's forward pass and a greedy argmax are timed on each shape, `repeats`
     times after a warm-up, keeping the fastest: a quick sketch of the forward pass alone.
     """
-    from cortexlab.experiment import _fresh
-
     if not isinstance(model, Model):
         raise TypeError(f"model must be a cortexlab Model (cl.load_model()), got {model!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size:
@@ -229,6 +227,24 @@ def calibrate(
         if workloads is not None or engine_kwargs:
             raise ValueError("calibrate takes workloads (and engine options) or a grid, not both")
         return _calibrate_grid(model, grid=grid, repeats=repeats, block_size=block_size)
+    workloads, schedulers = _check_calibration(workloads, schedulers)
+    engine = {**CALIBRATION_ENGINE, **engine_kwargs, "block_size": block_size}
+    t0 = time.perf_counter()
+    warm_up(model, scheduler=schedulers[0], **engine)
+    probes = [probe_seconds(model, **engine)]
+    features: list[BatchFeatures] = []
+    durations: list[float] = []
+    for scheduler in schedulers:
+        f, d = _calibration_steps(model, workloads, scheduler, engine)
+        features += f
+        durations += d
+    probes.append(probe_seconds(model, **engine))
+    return _fit_engine_steps(
+        model, features, durations, workloads, schedulers, engine, t0, probe=probes
+    )
+
+
+def _check_calibration(workloads: Any, schedulers: Any) -> tuple[list[Workload], list[Any]]:
     workloads = calibration_workloads() if workloads is None else list(workloads)
     if not workloads or not all(isinstance(w, Workload) for w in workloads):
         raise ValueError(
@@ -236,18 +252,36 @@ def calibrate(
         )
     if isinstance(schedulers, str) or not schedulers:
         raise ValueError(f"schedulers must be a non-empty list of schedulers, got {schedulers!r}")
-    engine = {**CALIBRATION_ENGINE, **engine_kwargs, "block_size": block_size}
-    t0 = time.perf_counter()
-    warm_up(model, scheduler=schedulers[0], **engine)
-    probes = [probe_seconds(model, **engine)]
+    return workloads, list(schedulers)
+
+
+def _calibration_steps(
+    model: Model, workloads: Sequence[Workload], scheduler: Any, engine: Mapping
+) -> tuple[list[BatchFeatures], list[float]]:
+    """Every calibration workload through the real engine under `scheduler`: its steps."""
+    from cortexlab.experiment import _fresh
+
     features: list[BatchFeatures] = []
     durations: list[float] = []
     for workload in workloads:
-        for scheduler in schedulers:
-            f, d = profile_engine(model, workload, scheduler=_fresh(scheduler), **engine)
-            features += f
-            durations += d
-    probes.append(probe_seconds(model, **engine))
+        f, d = profile_engine(model, workload, scheduler=_fresh(scheduler), **engine)
+        features += f
+        durations += d
+    return features, durations
+
+
+def _fit_engine_steps(
+    model: Model,
+    features: list[BatchFeatures],
+    durations: list[float],
+    workloads: Sequence[Workload],
+    schedulers: Sequence[Any],
+    engine: Mapping,
+    t0: float,
+    probe: Sequence[float] = (),
+    **extra: Any,
+) -> CostModel:
+    """The CostModel fitted to measured engine steps, with `info` saying how it was made."""
     info = {
         "method": "engine",
         "workloads": [repr(w) for w in workloads],
@@ -258,11 +292,12 @@ def calibrate(
         "attention_chunk": Runner(
             model, None, fast_activation=engine.get("fast_activation", True)
         ).attention_chunk,
-        # The probe before and after: how fast the machine ran while calibrating.
-        "probe_seconds": sum(probes) / len(probes),
+        **extra,
         "seconds": round(time.perf_counter() - t0, 1),
-        **_machine_info(block_size),
+        **_machine_info(engine.get("block_size", 16)),
     }
+    if probe:  # the probe before and after: how fast the machine ran while calibrating
+        info["probe_seconds"] = sum(probe) / len(probe)
     return CostModel.fit(
         features, durations, model=model_identity(model), info=info, match_total=True
     )
@@ -343,7 +378,9 @@ def fidelity(
     allocator: Any = "paged",
     metrics: Sequence[str] = FIDELITY_METRICS,
     percentiles: Sequence[str] = FIDELITY_PERCENTILES,
+    repeats: int = 1,
     track_load: bool = False,
+    calibrate_on: Sequence[Workload] | None = None,
     **engine_kwargs: Any,
 ) -> Any:
     """Each workload under each scheduler, measured (the real engine, measured clock) and
@@ -352,6 +389,21 @@ def fidelity(
     step_ratio: the cost model's durations of the measured run's own steps over their
     measured durations (1 when it prices each step right, whatever the scheduling did).
 
+    `repeats` > 1 measures each configuration that many times, round-robin over the
+    configurations (so a slow spell of a shared machine spreads over all of them):
+    measured is then the mean of the runs, measured_min and measured_max their range
+    (the machine's own run-to-run spread, which no simulator can be closer than) and
+    step_ratio the mean of the runs'. The simulation is deterministic and runs once.
+
+    ``cost_model="calibrate"`` fits the cost model in this call, interleaved with the
+    measurements: each round (of `repeats`) first runs the calibration workloads
+    (`calibrate_on`, default `calibration_workloads()`; never the ones checked) under one of
+    `CALIBRATION_SCHEDULERS`
+    in turn, then measures every configuration once; the fit uses every round's calibration
+    steps, so it saw the same spells of machine load as the measured runs
+    (``attrs["cost_model"]`` holds it). Otherwise `cost_model` is a CostModel, "default" or
+    a path, fitted before.
+
     `track_load=True` times the `probe_seconds` probe before and after each measured run and
     simulates that run with the cost model scaled by their mean `load_factor` (column
     load_factor; simulated_fixed and error_fixed keep the unscaled model's numbers): on a
@@ -359,7 +411,8 @@ def fidelity(
     from the change of load since calibration.
 
     ``attrs["traces"]`` holds each (workload, scheduler)'s two Traces, ``{"measured": ...,
-    "simulated": ...}`` (the unscaled simulation), for per-request comparisons and plots.
+    "simulated": ...}`` (the first measured run; the unscaled simulation), for per-request
+    comparisons and plots; ``attrs["measured_runs"]`` each one's list of measured Traces.
     """
     from cortexlab.experiment import _fresh, label, run_workload
     from cortexlab.trace import Trace
@@ -370,46 +423,93 @@ def fidelity(
         raise ValueError(f"workloads must be a non-empty dict name -> Workload, got {workloads!r}")
     if not isinstance(track_load, bool):
         raise ValueError(f"track_load must be a bool, got {track_load!r}")
-    cost_model = check_simulation("simulated", cost_model, model)
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    calibrating = isinstance(cost_model, str) and cost_model == "calibrate"
+    if calibrate_on is not None and not calibrating:
+        raise ValueError("calibrate_on is only used with cost_model='calibrate'")
+    if calibrating:
+        calibrate_on, _ = _check_calibration(calibrate_on, CALIBRATION_SCHEDULERS)
+    if calibrating and track_load:
+        raise ValueError("track_load needs a cost model fitted before; not cost_model='calibrate'")
+    if not calibrating:
+        cost_model = check_simulation("simulated", cost_model, model)
+    t0 = time.perf_counter()
     warm_up(model, **engine_kwargs)
-    rows, traces = [], {}
-    for name, workload in workloads.items():
-        for scheduler in schedulers:
+    calibration_engine = {"block_size": 16, **CALIBRATION_ENGINE, **engine_kwargs}
+    calibration: tuple[list[BatchFeatures], list[float]] = ([], [])
+    configs = [(name, s) for name in workloads for s in schedulers]
+    runs: dict[int, list[tuple[Trace, list, list, float]]] = {i: [] for i in range(len(configs))}
+    for round_ in range(int(repeats)):
+        if calibrating:
+            scheduler = CALIBRATION_SCHEDULERS[round_ % len(CALIBRATION_SCHEDULERS)]
+            f, d = _calibration_steps(model, calibration_workloads(), scheduler, calibration_engine)
+            calibration[0].extend(f)
+            calibration[1].extend(d)
+        for i, (name, scheduler) in enumerate(configs):
             common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
             factor = load_factor(model, cost_model, **engine_kwargs) if track_load else 1.0
             trace = Trace()
             # Fresh copies of policy objects, as run_workload makes for the simulated run.
             fresh = {**common, "scheduler": _fresh(scheduler), "allocator": _fresh(allocator)}
-            features, durations = profile_engine(model, workload, trace=trace, **fresh)
-            measured = trace.summary()
-            step_ratio = sum(cost_model(f) for f in features) / sum(durations)
+            features, durations = profile_engine(model, workloads[name], trace=trace, **fresh)
             if track_load:
                 factor = (factor + load_factor(model, cost_model, **engine_kwargs)) / 2
-            fixed = run_workload(model, workload, backend="sim", cost_model=cost_model, **common)
-            traces[name, label(scheduler)] = {"measured": trace, "simulated": fixed.trace}
-            scaled = fixed
-            if track_load:
-                scaled = run_workload(
-                    model, workload, backend="sim", cost_model=cost_model.scaled(factor), **common
-                )
-            for metric in metrics:
-                for p in percentiles:
-                    key = f"{metric}_{p}"
-                    row = {
-                        "workload": name,
-                        "scheduler": label(scheduler),
-                        "metric": metric,
-                        "percentile": p,
-                        "measured": measured[key],
-                        "simulated": scaled.summary[key],
-                        "error": scaled.summary[key] / measured[key] - 1,
-                        "step_ratio": step_ratio,
-                    }
-                    if track_load:
-                        row["load_factor"] = factor
-                        row["simulated_fixed"] = fixed.summary[key]
-                        row["error_fixed"] = fixed.summary[key] / measured[key] - 1
-                    rows.append(row)
+            runs[i].append((trace, features, durations, factor))
+    if calibrating:
+        used = CALIBRATION_SCHEDULERS[: min(int(repeats), len(CALIBRATION_SCHEDULERS))]
+        cost_model = _fit_engine_steps(
+            model,
+            *calibration,
+            calibrate_on,
+            used,
+            calibration_engine,
+            t0,
+            interleaved_rounds=int(repeats),
+        )
+    rows, traces, measured_runs = [], {}, {}
+    for i, (name, scheduler) in enumerate(configs):
+        common = {"scheduler": scheduler, "allocator": allocator, **engine_kwargs}
+        measured = [trace.summary() for trace, _, _, _ in runs[i]]
+        step_ratio = float(np.mean([sum(map(cost_model, f)) / sum(d) for _, f, d, _ in runs[i]]))
+        factor = float(np.mean([x for _, _, _, x in runs[i]]))
+        fixed = run_workload(model, workloads[name], backend="sim", cost_model=cost_model, **common)
+        traces[name, label(scheduler)] = {"measured": runs[i][0][0], "simulated": fixed.trace}
+        measured_runs[name, label(scheduler)] = [trace for trace, _, _, _ in runs[i]]
+        scaled = fixed
+        if track_load:
+            scaled = run_workload(
+                model,
+                workloads[name],
+                backend="sim",
+                cost_model=cost_model.scaled(factor),
+                **common,
+            )
+        for metric in metrics:
+            for p in percentiles:
+                key = f"{metric}_{p}"
+                values = [m[key] for m in measured]
+                mean = float(np.mean(values))
+                row = {
+                    "workload": name,
+                    "scheduler": label(scheduler),
+                    "metric": metric,
+                    "percentile": p,
+                    "measured": mean,
+                    "simulated": scaled.summary[key],
+                    "error": scaled.summary[key] / mean - 1,
+                    "step_ratio": step_ratio,
+                }
+                if repeats > 1:
+                    row["measured_min"] = min(values)
+                    row["measured_max"] = max(values)
+                if track_load:
+                    row["load_factor"] = factor
+                    row["simulated_fixed"] = fixed.summary[key]
+                    row["error_fixed"] = fixed.summary[key] / mean - 1
+                rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["traces"] = traces
+    frame.attrs["measured_runs"] = measured_runs
+    frame.attrs["cost_model"] = cost_model
     return frame

@@ -356,8 +356,8 @@ def test_simulated_latencies_follow_measured_ones(tiny) -> None:
     """Fidelity on a workload calibration never saw. The experiment holds 10%
     (experiments/sim_fidelity.py, the embedded model); here the tiny model's millisecond
     steps on a shared CI machine get a looser bound. Other work on the machine moves
-    measured step times by 2-3x within seconds, so each try calibrates just before its
-    measured runs, and a try spoiled by a change of load is retried."""
+    measured step times by 2-3x within seconds, so calibration is interleaved with the
+    measured runs (cost_model="calibrate"), and a try spoiled by a change of load is retried."""
     wl = cl.workloads.poisson(
         40.0,
         num_requests=16,
@@ -367,18 +367,37 @@ def test_simulated_latencies_follow_measured_ones(tiny) -> None:
     )
     errors = []
     for _ in range(4):
-        cm = cl.sim.calibrate(tiny, workloads=_calibration_workloads())
         table = cl.sim.fidelity(
-            tiny, {"poisson": wl}, cm, schedulers=["fcfs", "sarathi"], **cl.sim.CALIBRATION_ENGINE
+            tiny,
+            {"poisson": wl},
+            "calibrate",
+            calibrate_on=_calibration_workloads(),
+            schedulers=["fcfs", "sarathi"],
+            repeats=2,
+            **cl.sim.CALIBRATION_ENGINE,
         )
         assert len(table) == 2 * 3 * 2
         assert (table["measured"] > 0).all() and (table["simulated"] > 0).all()
+        fitted = table.attrs["cost_model"]
+        assert fitted.model == cl.sim.model_identity(tiny)
+        assert fitted.info["interleaved_rounds"] == 2
+        assert fitted.info["schedulers"] == ["fcfs", "sarathi"]
         error = table["error"].abs()
         errors.append((round(error.median(), 3), round(error.max(), 3)))
         if error.median() < 0.5 and error.max() < 1.5:
             break
     else:
         raise AssertionError(f"simulated vs measured |error| (median, max) per try: {errors}")
+
+
+def test_fidelity_refuses_bad_calibration_options(tiny, tiny_calibration) -> None:
+    wl = cl.workloads.burst(2, prompt_len=cl.workloads.Fixed(8), output_len=cl.workloads.Fixed(2))
+    with pytest.raises(ValueError, match="calibrate_on is only used with cost_model='calibrate'"):
+        cl.sim.fidelity(tiny, {"b": wl}, tiny_calibration, calibrate_on=[wl])
+    with pytest.raises(ValueError, match="track_load needs a cost model fitted before"):
+        cl.sim.fidelity(tiny, {"b": wl}, "calibrate", track_load=True)
+    with pytest.raises(ValueError, match="workloads must be a non-empty list"):
+        cl.sim.fidelity(tiny, {"b": wl}, "calibrate", calibrate_on=[])
 
 
 # -- the shipped calibration -----------------------------------------------------------------
@@ -587,11 +606,29 @@ def test_scaled_cost_models_and_load_tracking(tiny, tiny_calibration) -> None:
     assert {"load_factor", "simulated_fixed", "error_fixed"} <= set(table.columns)
     assert (table["load_factor"] > 0).all()
     pair = table.attrs["traces"]["burst", "fcfs"]
-    for trace in pair.values():  # the same four requests, each with all its tokens
+    for trace in (pair["measured"], pair["simulated"]):  # the same requests, all tokens
         assert sorted(trace.requests["num_output_tokens"]) == [6] * 4
     assert pair["measured"].summary()["ttft_p50"] == table.loc[0, "measured"]
+    assert set(pair) == {"measured", "simulated"}
+    assert table.attrs["measured_runs"]["burst", "fcfs"] == [pair["measured"]]
     with pytest.raises(ValueError, match="workloads must be a non-empty dict"):
         cl.sim.fidelity(tiny, [wl], tiny_calibration)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+            cl.sim.fidelity(tiny, {"burst": wl}, tiny_calibration, repeats=bad)
+
+
+def test_fidelity_repeats_report_the_mean_and_the_spread(tiny, tiny_calibration) -> None:
+    wl = cl.workloads.burst(4, prompt_len=cl.workloads.Fixed(24), output_len=cl.workloads.Fixed(6))
+    table = cl.sim.fidelity(tiny, {"burst": wl}, tiny_calibration, schedulers=["fcfs"], repeats=3)
+    runs = table.attrs["measured_runs"]["burst", "fcfs"]
+    assert len(runs) == 3 and len({id(t) for t in runs}) == 3
+    for _, row in table.iterrows():
+        key = f"{row['metric']}_{row['percentile']}"
+        values = [t.summary()[key] for t in runs]
+        assert row["measured"] == pytest.approx(sum(values) / 3)
+        assert (row["measured_min"], row["measured_max"]) == (min(values), max(values))
+        assert row["error"] == pytest.approx(row["simulated"] / row["measured"] - 1)
 
 
 def test_features_follow_the_calibrated_runners_prompt_pieces() -> None:

@@ -245,6 +245,24 @@ def test_goodput_vs_load_one_sorted_line_per_hue():
     assert ax.get_xlabel() == "arrival rate (req/s)" and ax.get_ylabel() == "goodput (req/s)"
 
 
+def test_goodput_vs_load_draws_seeds_as_their_mean_and_range():
+    df = pd.DataFrame(
+        {
+            "scheduler": ["fcfs"] * 4 + ["sjf"] * 2,
+            "rate": [2, 1, 2, 1, 1, 2],
+            "seed": [0, 0, 1, 1, 0, 0],
+            "goodput_share": [0.5, 1.0, 0.7, 0.8, 1.0, 0.9],
+        }
+    )
+    ax = cl.viz.plot_goodput_vs_load(df, y="goodput_share")
+    assert list(ax.lines[0].get_xdata()) == [1, 2]
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([0.9, 0.6])
+    assert list(ax.lines[1].get_ydata()) == pytest.approx([1.0, 0.9])
+    [band] = ax.collections  # fcfs has two seeds per rate; sjf one, so no band
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert (low, high) == pytest.approx((0.5, 1.0))
+
+
 def test_goodput_vs_load_plots_a_real_sweep_with_its_defaults(tiny):
     workload = cl.workloads.poisson(4.0, num_requests=3, prompt_len=8, output_len=2, seed=0)
     loads = cl.sweep(

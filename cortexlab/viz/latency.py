@@ -60,7 +60,9 @@ def plot_goodput_vs_load(
     ax: Axes | None = None,
 ) -> Axes:
     """One line per `hue` value of `y` against `x`, from a sweep's summary (one row per
-    configuration; `cl.sweep` with an SLO gives `goodput_rps` and `goodput_share`)."""
+    configuration; `cl.sweep` with an SLO gives `goodput_rps` and `goodput_share`). Rows
+    that share an `x` within a line (several seeds) are drawn as their mean, with the
+    band from their min to their max."""
     columns = [c for c in (x, y, hue) if c is not None]
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -68,8 +70,14 @@ def plot_goodput_vs_load(
     ax = new_axes(ax, (6, 3.6))
     groups = df.groupby(hue, sort=False) if hue is not None else [(None, df)]
     for name, group in groups:
-        group = group.sort_values(x, kind="stable")
-        ax.plot(group[x], group[y], marker="o", label=None if name is None else str(name))
+        stats = group.groupby(x, sort=True)[y].agg(["mean", "min", "max", "size"])
+        (line,) = ax.plot(
+            stats.index, stats["mean"], marker="o", label=None if name is None else str(name)
+        )
+        if (stats["size"] > 1).any():
+            ax.fill_between(
+                stats.index, stats["min"], stats["max"], color=line.get_color(), alpha=0.15
+            )
     ax.set(xlabel=metric_label(x), ylabel=metric_label(y))
     ax.set_title(f"{metric_parts(y)[0]} vs {metric_parts(x)[0]}")
     ax.grid(alpha=0.3)
