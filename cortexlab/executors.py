@@ -22,7 +22,8 @@
 Workers never receive the model object (MLX modules do not pickle, and shipping weights
 would cost more than loading them): they get a `ModelSpec` (its source, quantisation,
 dtype and weight fingerprint), rebuild the model once per worker process and check that
-the rebuilt weights have the caller's fingerprint. A model that cannot be rebuilt that
+the rebuilt weights have the caller's fingerprint. A weightless `cl.sim.shaped_model`
+travels as a `ShapeSpec` (its shape, context and pickled tokenizer). A model that cannot be rebuilt that
 way (made in a notebook cell, weights edited after loading, a tiny-random seed other
 than 0) is an error that says to use ``executor="serial"``.
 
@@ -91,15 +92,44 @@ class ModelSpec:
     fingerprint: str  # experiment._model_fingerprint as sorted JSON
 
 
+@dataclass(frozen=True, slots=True)
+class ShapeSpec:
+    """What a worker needs to make the caller's weightless model (`cl.sim.shaped_model`)
+    again: its shape, context and tokenizer (pickled: it is the part that is not a shape)."""
+
+    shape: tuple  # sorted (field, value) pairs of ModelShape.to_dict()
+    max_context: int
+    tokenizer: bytes
+    fingerprint: str
+
+
 def _fingerprint_text(model: Model) -> str:
     from cortexlab.experiment import _model_fingerprint  # experiment imports this module
 
     return json.dumps(_model_fingerprint(model), sort_keys=True)
 
 
-def model_spec(model: Model) -> ModelSpec:
-    """The spec that rebuilds `model`; a tiny-random model is checked here (it is cheap),
-    a file or folder by the worker that loads it."""
+def model_spec(model: Model) -> ModelSpec | ShapeSpec:
+    """The spec that rebuilds `model`; a tiny-random or shaped model is checked here (it is
+    cheap), a file or folder by the worker that loads it."""
+    from cortexlab.roofline import ShapedModel
+
+    if isinstance(model, ShapedModel):
+        try:
+            tokenizer = pickle.dumps(model.tokenizer)
+        except Exception as exc:
+            raise ModelRebuildError(
+                f"workers cannot rebuild model {model.name!r}: its tokenizer does not pickle "
+                f"({type(exc).__name__}: {exc}); run the sweep with executor='serial'"
+            ) from exc
+        shape_spec = ShapeSpec(
+            shape=tuple(sorted(model.shape.to_dict().items())),
+            max_context=model.max_context,
+            tokenizer=tokenizer,
+            fingerprint=_fingerprint_text(model),
+        )
+        rebuild_model(shape_spec)
+        return shape_spec
     quantized = any(name.endswith(".scales") for name, _ in tree_flatten(model.module.parameters()))
     spec = ModelSpec(
         source=str(model.source),
@@ -118,13 +148,28 @@ def model_spec(model: Model) -> ModelSpec:
     return spec
 
 
-_models: dict[ModelSpec, Model] = {}  # one rebuilt model per worker process and spec
+_models: dict[ModelSpec | ShapeSpec, Model] = {}  # one per worker process and spec
 
 
-def rebuild_model(spec: ModelSpec) -> Model:
+def rebuild_model(spec: ModelSpec | ShapeSpec) -> Model:
     """The model `spec` describes, loaded once per process and checked against its weights."""
     if spec in _models:
         return _models[spec]
+    if isinstance(spec, ShapeSpec):
+        from cortexlab.roofline import ModelShape, shaped_model
+
+        model = shaped_model(
+            ModelShape(**dict(spec.shape)),
+            tokenizer=pickle.loads(spec.tokenizer),
+            max_context=spec.max_context,
+        )
+        if _fingerprint_text(model) != spec.fingerprint:
+            raise ModelRebuildError(
+                f"the shaped model {dict(spec.shape)['name']!r} rebuilt in a worker differs from "
+                "the sweep's (its vocabulary or tokenizer?); run the sweep with executor='serial'"
+            )
+        _models[spec] = model
+        return model
     try:
         if spec.source == "tiny-random":
             model = tiny_random(dtype=getattr(mx, spec.dtype))
@@ -150,7 +195,7 @@ def rebuild_model(spec: ModelSpec) -> Model:
 class Task:
     """One sweep configuration, as it travels to a worker."""
 
-    model: ModelSpec
+    model: ModelSpec | ShapeSpec
     workload: Any
     scheduler: Any
     allocator: Any

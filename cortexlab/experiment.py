@@ -594,7 +594,7 @@ def _run_summary(model: Model, wl: Workload, kwargs: dict) -> dict[str, float]:
 
 
 def _task(
-    spec: Callable[[], executors.ModelSpec],
+    spec: Callable[[], executors.ModelSpec | executors.ShapeSpec],
     wl: Workload,
     kwargs: dict,
     scheduler: Any,

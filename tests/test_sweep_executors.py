@@ -4,7 +4,9 @@ own file, tests/test_sweep_ray.py); same rows and the same cache whichever runs 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
+import pickle
 import sys
 import threading
 import warnings
@@ -100,6 +102,25 @@ def test_processes_resume_a_serial_sweep_with_the_same_rows_and_cache(tiny, seri
     again.loc[0, "num_preemptions"] = rows.loc[0, "num_preemptions"]
     pd.testing.assert_frame_equal(again, rows)
     assert cached(tmp_path).keys() == files.keys()
+
+
+def test_a_shaped_model_travels_as_its_shape_and_tokenizer(tiny, monkeypatch):
+    shaped = cl.sim.shaped_model("llama-2-7b", tokenizer=tiny, max_context=2048)
+    spec = executors.model_spec(shaped)
+    assert isinstance(spec, executors.ShapeSpec)
+    args = {"cache_dir": None, **GRID, **SIM, "cost_model": cl.sim.roofline("llama-2-7b", "h100")}
+    serial = cl.sweep(shaped, workload(), executor="serial", **args)
+    monkeypatch.setattr(executors, "_models", {})  # as in a fresh worker process
+    rebuilt = executors.rebuild_model(pickle.loads(pickle.dumps(spec)))
+    assert rebuilt is not shaped and isinstance(rebuilt, type(shaped))
+    assert (rebuilt.name, rebuilt.max_context, rebuilt.vocab_size) == ("llama-2-7b", 2048, 32000)
+    assert rebuilt.kv_bytes_per_token == shaped.kv_bytes_per_token
+    assert rebuilt.tokenizer.encode("a lighthouse") == shaped.tokenizer.encode("a lighthouse")
+    with cf.ThreadPoolExecutor(2) as pool:  # the workers' path: spec, payload, rebuild
+        pd.testing.assert_frame_equal(cl.sweep(shaped, workload(), executor=pool, **args), serial)
+    stale = dataclasses.replace(spec, fingerprint="{}")  # the caller's model was another
+    with pytest.raises(executors.ModelRebuildError, match="differs from the sweep's"):
+        executors.rebuild_model(stale)
 
 
 def test_any_executor_object_gives_the_same_rows(tiny, serial_rows, tmp_path):
