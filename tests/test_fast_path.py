@@ -6,14 +6,13 @@ import cortexlab as cl
 from cortexlab.kv.arena import KVArena
 from cortexlab.models.base import model_from_module
 from cortexlab.models.fast_attention import QUERY_BLOCK, fast_attention, install_fast_attention
-from cortexlab.models.tiny import TINY_CONFIG, ByteTokenizer
+from cortexlab.models.tiny import TINY_CONFIG, ByteTokenizer, randomize
 from cortexlab.runner import RowWork, Runner
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import mlx_lm_greedy
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes
 
@@ -32,16 +31,7 @@ def build(name: str, seed: int = 0) -> cl.Model:
     config = CONFIGS[name]
     model_class, args_class = _get_classes(config)
     module = model_class(args_class.from_dict(config))
-    params = tree_flatten(module.parameters())
-    keys = mx.random.split(mx.random.key(seed), len(params))
-    new = []
-    for (key_name, value), key in zip(params, keys, strict=True):
-        if key_name.endswith("norm.weight"):
-            arr = 1.0 + 0.1 * mx.random.normal(value.shape, key=key)
-        else:
-            arr = mx.random.normal(value.shape, key=key) * (value.shape[-1] ** -0.5)
-        new.append((key_name, arr))
-    module.update(tree_unflatten(new))
+    randomize(module, seed=seed)
     mx.eval(module.parameters())
     module.eval()
     return model_from_module(module, ByteTokenizer(), name=name, source=name, config=config)

@@ -100,13 +100,12 @@ class ByteTokenizer:
         return ByteDetokenizer(self)
 
 
-def tiny_random(*, seed: int = 0, dtype: mx.Dtype = mx.float32) -> Model:
-    """A 2-layer llama with weights drawn from `seed` (independent of the global RNG)."""
-    module = llama.Model(llama.ModelArgs.from_dict(TINY_CONFIG))
+def randomize(module, *, seed: int = 0, dtype: mx.Dtype = mx.float32) -> None:
+    """Draw `module`'s weights from `seed` (independent of the global RNG), in place."""
     params = tree_flatten(module.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
-    for (name, value), key in zip(params, keys, strict=False):
+    for (name, value), key in zip(params, keys, strict=True):
         if name.endswith("norm.weight"):
             # Norm gains near 1 keep activations in a realistic range.
             arr = 1.0 + 0.1 * mx.random.normal(value.shape, key=key)
@@ -114,6 +113,12 @@ def tiny_random(*, seed: int = 0, dtype: mx.Dtype = mx.float32) -> Model:
             arr = mx.random.normal(value.shape, key=key) * (value.shape[-1] ** -0.5)
         new.append((name, arr.astype(dtype)))
     module.update(tree_unflatten(new))
+
+
+def tiny_random(*, seed: int = 0, dtype: mx.Dtype = mx.float32) -> Model:
+    """A 2-layer llama with weights drawn from `seed` (independent of the global RNG)."""
+    module = llama.Model(llama.ModelArgs.from_dict(TINY_CONFIG))
+    randomize(module, seed=seed, dtype=dtype)
     mx.eval(module.parameters())
     module.eval()
     return model_from_module(
