@@ -443,7 +443,7 @@ def fidelity(
     for round_ in range(int(repeats)):
         if calibrating:
             scheduler = CALIBRATION_SCHEDULERS[round_ % len(CALIBRATION_SCHEDULERS)]
-            f, d = _calibration_steps(model, calibration_workloads(), scheduler, calibration_engine)
+            f, d = _calibration_steps(model, calibrate_on, scheduler, calibration_engine)
             calibration[0].extend(f)
             calibration[1].extend(d)
         for i, (name, scheduler) in enumerate(configs):

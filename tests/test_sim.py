@@ -6,6 +6,7 @@ import json
 import random
 
 import cortexlab as cl
+from cortexlab import calibration
 from cortexlab.runner import RowWork, Runner, group_rows, split_waves
 from cortexlab.sim import BatchFeatures, CostModel, batch_features
 
@@ -352,7 +353,7 @@ def test_fit_match_total_scales_to_the_measured_sum() -> None:
     assert sum(fitted(f) for f in features) == pytest.approx(sum(durations), rel=1e-9)
 
 
-def test_simulated_latencies_follow_measured_ones(tiny) -> None:
+def test_simulated_latencies_follow_measured_ones(tiny, monkeypatch) -> None:
     """Fidelity on a workload calibration never saw. The experiment holds 10%
     (experiments/sim_fidelity.py, the embedded model); here the tiny model's millisecond
     steps on a shared CI machine get a looser bound. Other work on the machine moves
@@ -365,13 +366,24 @@ def test_simulated_latencies_follow_measured_ones(tiny) -> None:
         output_len=cl.workloads.Uniform(8, 40),
         seed=5,
     )
+    calibrate_on = _calibration_workloads()
+    profiled = []  # the workloads each interleaved calibration round ran
+    steps = calibration._calibration_steps
+    monkeypatch.setattr(
+        calibration,
+        "_calibration_steps",
+        lambda model, workloads, *args: (
+            profiled.append(workloads) or steps(model, workloads, *args)
+        ),
+    )
     errors = []
     for _ in range(4):
+        profiled.clear()
         table = cl.sim.fidelity(
             tiny,
             {"poisson": wl},
             "calibrate",
-            calibrate_on=_calibration_workloads(),
+            calibrate_on=calibrate_on,
             schedulers=["fcfs", "sarathi"],
             repeats=2,
             **cl.sim.CALIBRATION_ENGINE,
@@ -382,6 +394,7 @@ def test_simulated_latencies_follow_measured_ones(tiny) -> None:
         assert fitted.model == cl.sim.model_identity(tiny)
         assert fitted.info["interleaved_rounds"] == 2
         assert fitted.info["schedulers"] == ["fcfs", "sarathi"]
+        assert profiled == [calibrate_on, calibrate_on]
         error = table["error"].abs()
         errors.append((round(error.median(), 3), round(error.max(), 3)))
         if error.median() < 0.5 and error.max() < 1.5:
