@@ -301,21 +301,19 @@ class RayExecutor(cf.Executor):
 def check(executor: Any, max_workers: int | None) -> None:
     """Reject an unknown executor or a bad `max_workers` before anything runs."""
     if isinstance(executor, str):
-        if executor not in EXECUTORS:
-            raise ValueError(
-                f"executor must be one of {', '.join(map(repr, EXECUTORS))} or an object with "
-                f"submit(fn, *args) -> Future (a concurrent.futures.Executor); got {executor!r}"
-            )
-        if executor == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise ImportError(RAY_MISSING) from None
-    elif not callable(getattr(executor, "submit", None)):
+        valid = executor in EXECUTORS
+    else:
+        valid = callable(getattr(executor, "submit", None))
+    if not valid:
         raise ValueError(
             f"executor must be one of {', '.join(map(repr, EXECUTORS))} or an object with "
             f"submit(fn, *args) -> Future (a concurrent.futures.Executor); got {executor!r}"
         )
+    if executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ImportError(RAY_MISSING) from None
     if max_workers is not None and (
         isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
     ):

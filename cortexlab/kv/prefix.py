@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 
 from cortexlab.kv import register
-from cortexlab.kv.base import KVSequence, KVUsage, longest_unheld_run
+from cortexlab.kv.base import KVSequence, KVUsage
 from cortexlab.kv.paged import PagedAllocator
 
 ROOT_HASH = 0  # the "parent hash" of a sequence's first block
@@ -353,7 +353,7 @@ class PrefixAllocator(PagedAllocator):
             num_shared_slots=len(self._shared) * bs,
             num_free_blocks=num_free + num_cached,
             num_sequences=len(self._tables),
-            largest_free_run_blocks=longest_unheld_run(self.num_blocks, self._tables.values()),
+            largest_free_run_blocks=self._largest_free_run_blocks(),
             num_cached_slots=num_cached * bs,
             num_cached_blocks=num_cached,
             max_sharing=max((self._ref[b] for b in self._shared), default=min(num_held, 1)),
